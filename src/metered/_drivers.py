@@ -1,0 +1,424 @@
+"""Database URLs and the executors that drive :mod:`metered._core` operations on a connection.
+
+The hot path talks to the DB-API driver directly (``sqlite3``, psycopg 3, asyncpg) with
+statements rendered once at start-up: no ORM and no SQL compilation per call. SQLAlchemy
+parses URLs and owns schema and migrations (:mod:`metered.migrate`).
+
+* SQLite: one ``sqlite3`` connection per thread (WAL, ``BEGIN IMMEDIATE`` per operation).
+  The async ledger runs each whole operation on a small thread pool, so the event loop never
+  waits on file I/O.
+* PostgreSQL: psycopg 3 pools (``psycopg_pool``, sync or async over the same driver) with
+  autocommit connections, so a single-statement operation is exactly one round trip; or an
+  asyncpg pool when the URL asks for ``postgresql+asyncpg``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from metered._core import Op, Rows
+from metered._sql import ParamStyle, Statements, Stmt
+from metered.errors import ConfigurationError, LedgerUnavailable
+
+DEFAULT_URL = "sqlite:///metered.db"
+Driver = Literal["sqlite", "psycopg", "asyncpg"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the ledger lives, as resolved from the URL the user wrote."""
+
+    driver: Driver
+    sqlalchemy_url: str
+    """A synchronous SQLAlchemy URL for schema work (``sqlite://``, ``postgresql+psycopg://``)."""
+    path: str | None = None
+    conninfo: str | None = None
+
+    @property
+    def dialect(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.driver == "sqlite" else "postgresql"
+
+    @property
+    def paramstyle(self) -> ParamStyle:
+        return {"sqlite": "named", "psycopg": "pyformat", "asyncpg": "dollar"}[self.driver]  # type: ignore[return-value]
+
+
+def resolve_url(url: str | None, *, asynchronous: bool) -> Target:
+    """Resolve a URL as users write it (``postgres://`` too); default ``$METERED_DATABASE_URL``."""
+    raw = url or os.environ.get("METERED_DATABASE_URL") or DEFAULT_URL
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://"):]
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {raw!r}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite", "aiosqlite"):
+            raise ConfigurationError(f"unsupported SQLite driver {driver!r}")
+        path = parsed.database or ":memory:"
+        return Target("sqlite", f"sqlite:///{path}", path=path)
+    if backend in ("postgresql", "postgres"):
+        if driver in ("", "psycopg", "psycopg_async"):
+            chosen: Driver = "psycopg"
+        elif driver == "asyncpg":
+            if not asynchronous:
+                raise ConfigurationError(
+                    "postgresql+asyncpg is an asyncio driver: use AsyncLedger, or a plain"
+                    " postgresql:// URL (psycopg 3) with Ledger"
+                )
+            chosen = "asyncpg"
+        else:
+            raise ConfigurationError(
+                f"unsupported PostgreSQL driver {driver!r}: use postgresql:// (psycopg 3)"
+                " or postgresql+asyncpg://"
+            )
+        plain = parsed.set(drivername="postgresql")
+        conninfo = plain.render_as_string(hide_password=False)
+        return Target(
+            chosen,
+            parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
+            conninfo=conninfo,
+        )
+    raise ConfigurationError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
+
+
+def statements_for(target: Target) -> Statements:
+    return Statements(target.dialect, target.paramstyle)
+
+
+# --------------------------------------------------------------------------- driving
+
+
+def drive(op: Op, execute: Callable[[Stmt, dict[str, Any]], Rows]) -> Any:
+    """Run a core operation on a blocking connection."""
+    try:
+        stmt, params = next(op)
+        while True:
+            stmt, params = op.send(execute(stmt, params))
+    except StopIteration as done:
+        return done.value
+
+
+async def drive_async(
+    op: Op, execute: Callable[[Stmt, dict[str, Any]], Awaitable[Rows]]
+) -> Any:
+    """Run a core operation on an asyncio connection."""
+    try:
+        stmt, params = next(op)
+        while True:
+            stmt, params = op.send(await execute(stmt, params))
+    except StopIteration as done:
+        return done.value
+
+
+def _unavailable(exc: BaseException) -> LedgerUnavailable:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return LedgerUnavailable(f"the ledger schema is missing ({text}); call create_schema()")
+    return LedgerUnavailable(f"ledger database unavailable: {text}")
+
+
+class SyncExecutor:
+    """Runs operations to completion on a blocking connection."""
+
+    def run(self, op: Op) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class AsyncExecutor:
+    async def run(self, op: Op) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class SQLiteExecutor(SyncExecutor):
+    """One connection per thread (and per process after a fork); ``:memory:`` shares one."""
+
+    def __init__(self, path: str, *, busy_timeout: float = 30.0) -> None:
+        self._path = path
+        self._timeout = busy_timeout
+        self._memory = path == ":memory:"
+        self._local = threading.local()
+        self._shared: sqlite3.Connection | None = None
+        self._shared_lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, timeout=self._timeout
+        )
+        if not self._memory:
+            conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + synchronous=NORMAL: a commit survives a crash of the application; only an OS
+        # crash or power loss can lose the last transactions (SQLite's recommended WAL setting).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+        self._all.append(conn)
+        return conn
+
+    def connection(self) -> sqlite3.Connection:
+        if self._memory:
+            if self._shared is None:
+                self._shared = self._connect()
+            return self._shared
+        if os.getpid() != self._pid:  # forked: never share a parent's connection
+            self._local = threading.local()
+            self._all = []
+            self._pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def run(self, op: Op) -> Any:
+        if self._memory:
+            with self._shared_lock:
+                return self._run(op, self.connection())
+        return self._run(op, self.connection())
+
+    @staticmethod
+    def _run(op: Op, conn: sqlite3.Connection) -> Any:
+        def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+            return conn.execute(stmt.sql, params).fetchall()
+
+        try:
+            return drive(op, execute)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _unavailable(exc) from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        for conn in self._all:
+            try:
+                conn.close()
+            except sqlite3.Error:  # pragma: no cover - closing is best effort
+                pass
+        self._all = []
+        self._local = threading.local()
+        self._shared = None
+
+
+class SQLiteAsyncExecutor(AsyncExecutor):
+    """Runs each whole SQLite operation on a worker thread, off the event loop."""
+
+    def __init__(self, path: str, *, threads: int = 4) -> None:
+        self._sync = SQLiteExecutor(path)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metered-sqlite")
+
+    async def run(self, op: Op) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._sync.run, op)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._sync.close()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _psycopg_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return (psycopg.OperationalError, psycopg.errors.UndefinedTable, PoolTimeout, OSError)
+
+
+def _missing(extra: str, exc: ImportError) -> ConfigurationError:
+    return ConfigurationError(
+        f"PostgreSQL support needs the {extra!r} extra: pip install 'metered-billing[{extra}]'"
+        f" ({exc})"
+    )
+
+
+class PsycopgExecutor(SyncExecutor):
+    """A psycopg 3 connection pool with autocommit connections."""
+
+    def __init__(self, conninfo: str, *, pool_size: int, timeout: float) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:
+            raise _missing("postgres", exc) from exc
+        self._errors = _psycopg_errors()
+        self._pool = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True},
+            timeout=timeout,
+            open=False,
+            name="metered",
+        )
+        self._opened = False
+        self._open_lock = threading.Lock()
+
+    def _ensure_open(self) -> None:
+        with self._open_lock:
+            if not self._opened:
+                self._pool.open(wait=False)
+                self._opened = True
+
+    def run(self, op: Op) -> Any:
+        if not self._opened:
+            self._ensure_open()
+        try:
+            with self._pool.connection() as conn:
+
+                def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+                    cur = conn.execute(stmt.sql, params)  # type: ignore[arg-type]
+                    return cur.fetchall() if cur.description is not None else []
+
+                try:
+                    return drive(op, execute)
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != 0:
+                        conn.rollback()
+                    raise
+        except self._errors as exc:
+            raise _unavailable(exc) from exc
+
+    def close(self) -> None:
+        if self._opened:
+            self._pool.close()
+            self._opened = False
+
+
+class PsycopgAsyncExecutor(AsyncExecutor):
+    """An asyncio psycopg 3 pool, opened lazily on the running event loop."""
+
+    def __init__(self, conninfo: str, *, pool_size: int, timeout: float) -> None:
+        try:
+            import psycopg_pool  # noqa: F401
+        except ImportError as exc:
+            raise _missing("async", exc) from exc
+        self._conninfo, self._size, self._timeout = conninfo, pool_size, timeout
+        self._errors = _psycopg_errors()
+        self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _get_pool(self) -> Any:
+        from psycopg_pool import AsyncConnectionPool
+
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._loop is not loop:
+            # A pool belongs to one event loop; a new loop (e.g. per test) gets its own.
+            pool = AsyncConnectionPool(
+                self._conninfo, min_size=1, max_size=self._size, timeout=self._timeout,
+                kwargs={"autocommit": True}, open=False, name="metered-async",
+            )
+            await pool.open(wait=False)
+            self._pool, self._loop = pool, loop
+        return self._pool
+
+    async def run(self, op: Op) -> Any:
+        try:
+            pool = await self._get_pool()
+            async with pool.connection() as conn:
+
+                async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+                    cur = await conn.execute(stmt.sql, params)
+                    return await cur.fetchall() if cur.description is not None else []  # type: ignore[no-any-return]
+
+                try:
+                    return await drive_async(op, execute)
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != 0:
+                        await conn.rollback()
+                    raise
+        except self._errors as exc:
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+class AsyncpgExecutor(AsyncExecutor):
+    """An asyncpg pool (``postgresql+asyncpg://``), opened lazily on the running event loop."""
+
+    def __init__(self, conninfo: str, *, pool_size: int, timeout: float) -> None:
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise _missing("async", exc) from exc
+        self._asyncpg = asyncpg
+        self._dsn, self._size, self._timeout = conninfo, pool_size, timeout
+        self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._errors: tuple[type[BaseException], ...] = (
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.UndefinedTableError,
+            OSError,
+            asyncio.TimeoutError,
+        )
+
+    async def run(self, op: Op) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+            if self._pool is None or self._loop is not loop:
+                self._pool = await self._asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=self._size, timeout=self._timeout
+                )
+                self._loop = loop
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+
+                async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+                    return [tuple(r) for r in await conn.fetch(stmt.sql, *stmt.bind(params))]
+
+                try:
+                    return await drive_async(op, execute)
+                except BaseException:
+                    if not conn.is_closed() and conn.is_in_transaction():
+                        await conn.execute("ROLLBACK")
+                    raise
+        except self._errors as exc:
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def sync_executor(target: Target, *, pool_size: int, timeout: float) -> SyncExecutor:
+    if target.driver == "sqlite":
+        assert target.path is not None
+        return SQLiteExecutor(target.path, busy_timeout=timeout)
+    assert target.conninfo is not None
+    return PsycopgExecutor(target.conninfo, pool_size=pool_size, timeout=timeout)
+
+
+def async_executor(target: Target, *, pool_size: int, timeout: float) -> AsyncExecutor:
+    if target.driver == "sqlite":
+        assert target.path is not None
+        return SQLiteAsyncExecutor(target.path)
+    assert target.conninfo is not None
+    if target.driver == "asyncpg":
+        return AsyncpgExecutor(target.conninfo, pool_size=pool_size, timeout=timeout)
+    return PsycopgAsyncExecutor(target.conninfo, pool_size=pool_size, timeout=timeout)

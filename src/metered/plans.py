@@ -1,0 +1,177 @@
+"""Plans and features, validated with pydantic and loadable from TOML or JSON.
+
+A feature is either boolean (access only) or metered (a number of units per billing period)::
+
+    Plan("pro", prices=["price_pro_monthly"], features={
+        "reports": True,                                   # boolean
+        "api_calls": 10_000,                               # metered, hard limit
+        "tokens": Feature(units=1_000_000, overage=True),  # metered, overage recorded past the allowance
+    })
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metered.errors import ConfigurationError, UnknownFeature, UnknownPlan
+from metered.validation import MAX_UNITS, NAME_PATTERN
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Feature(BaseModel):
+    """One feature of a plan. ``units=None`` makes it boolean (access only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    units: int | None = Field(default=None, ge=0, le=MAX_UNITS)
+    overage: bool = False
+    """Let usage continue past allowance and credits; the excess is recorded as overage."""
+    rollover: bool = False
+    """Carry unused allowance into the next period as a credit that expires at its end."""
+
+    @property
+    def metered(self) -> bool:
+        return self.units is not None
+
+    @model_validator(mode="after")
+    def _boolean_has_no_unit_options(self) -> Feature:
+        if self.units is None and (self.overage or self.rollover):
+            raise ValueError("overage and rollover apply to metered features (set units)")
+        return self
+
+
+def _coerce_feature(value: Any) -> Any:
+    if isinstance(value, bool):
+        if not value:
+            raise ValueError("a feature set to False is simply not in the plan; leave it out")
+        return Feature()
+    if isinstance(value, int):
+        return Feature(units=value)
+    return value
+
+
+class Plan(BaseModel):
+    """A named bundle of features, mapped to Stripe prices (``price_...`` ids or lookup keys)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    prices: tuple[str, ...] = ()
+    features: dict[str, Feature] = Field(default_factory=dict)
+    interval_months: int = Field(default=1, ge=1, le=12)
+    """Length of the billing period when it is not given explicitly (e.g. by Stripe)."""
+
+    def __init__(self, name: str | None = None, /, **data: Any) -> None:
+        if name is not None:
+            data["name"] = name
+        super().__init__(**data)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _coerce_features(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {name: _coerce_feature(spec) for name, spec in value.items()}
+
+    @field_validator("features", mode="after")
+    @classmethod
+    def _feature_names(cls, value: dict[str, Feature]) -> dict[str, Feature]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(NAME_PATTERN, name) or len(name) > 100:
+                raise ValueError(f"invalid feature name {name!r}")
+        return value
+
+
+class Catalog:
+    """The validated set of plans a ledger enforces, with the default plan for new subjects."""
+
+    def __init__(self, plans: Iterable[Plan], default_plan: str | None = None) -> None:
+        self.plans: dict[str, Plan] = {}
+        self.by_price: dict[str, Plan] = {}
+        for plan in plans:
+            if not isinstance(plan, Plan):
+                raise ConfigurationError(f"expected Plan, got {type(plan).__name__}")
+            if plan.name in self.plans:
+                raise ConfigurationError(f"plan {plan.name!r} is defined twice")
+            self.plans[plan.name] = plan
+            for price in plan.prices:
+                if price in self.by_price:
+                    raise ConfigurationError(
+                        f"price {price!r} maps to both {self.by_price[price].name!r} and {plan.name!r}"
+                    )
+                self.by_price[price] = plan
+        if default_plan is not None and default_plan not in self.plans:
+            raise ConfigurationError(f"default_plan {default_plan!r} is not a configured plan")
+        self.default_plan = default_plan
+        kinds: dict[str, bool] = {}
+        for plan in self.plans.values():
+            for name, feature in plan.features.items():
+                if kinds.setdefault(name, feature.metered) != feature.metered:
+                    raise ConfigurationError(
+                        f"feature {name!r} is metered in one plan and boolean in another"
+                    )
+        self.metered: dict[str, bool] = kinds
+
+    def plan(self, name: str) -> Plan:
+        try:
+            return self.plans[name]
+        except KeyError:
+            raise UnknownPlan(f"unknown plan {name!r}; configured: {sorted(self.plans)}") from None
+
+    def feature_is_metered(self, feature: str) -> bool:
+        """Whether ``feature`` counts units; raises :class:`UnknownFeature` if no plan has it."""
+        try:
+            return self.metered[feature]
+        except KeyError:
+            raise UnknownFeature(
+                f"unknown feature {feature!r}; configured: {sorted(self.metered)}"
+            ) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Catalog:
+        """Read plans from a ``.toml`` or ``.json`` file.
+
+        The file holds an optional ``default_plan`` and a ``plans`` table keyed by plan name::
+
+            default_plan = "free"
+            [plans.free.features]
+            api_calls = 100
+            [plans.pro]
+            prices = ["price_pro_monthly"]
+            features = { api_calls = 10000, reports = true }
+        """
+        path = Path(path)
+        try:
+            text = path.read_bytes()
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read plans from {path}: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "plans") -> Catalog:
+        plans_data = data.get("plans")
+        if not isinstance(plans_data, Mapping):
+            raise ConfigurationError(f"{source}: expected a 'plans' table keyed by plan name")
+        try:
+            plans = [Plan(name, **dict(spec)) for name, spec in plans_data.items()]
+        except (ValidationError, TypeError) as exc:
+            raise ConfigurationError(f"{source}: {exc}") from exc
+        return cls(plans, data.get("default_plan"))
+
+
+def load_plans(path: str | Path) -> Catalog:
+    """Load and validate a plan file (TOML or JSON). See :meth:`Catalog.load`."""
+    return Catalog.load(path)

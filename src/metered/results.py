@@ -1,0 +1,145 @@
+"""Result objects returned by the ledger (immutable pydantic models).
+
+The ledger builds them with ``model_construct`` from values it produced itself, so reading a
+result costs no validation on the hot path; they still serialise with ``model_dump()``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Reason = Literal[
+    "no_entitlement",
+    "subscription_inactive",
+    "quota_exhausted",
+    "insufficient_units",
+    "not_metered",
+]
+"""Why access or units were denied (machine-readable, stable)."""
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class CheckResult(_Result):
+    """Whether ``subject`` may use ``feature`` now, and how much is left."""
+
+    allowed: bool
+    reason: Reason | None
+    subject: str
+    feature: str
+    plan: str
+    status: str
+    metered: bool
+    usage_remaining: int | None
+    """Spendable units now (allowance left + credits - in-flight holds); None for boolean features."""
+    limit: int | None
+    """The period allowance; None for boolean features."""
+    overage_allowed: bool = False
+    period_end: datetime | None = None
+
+
+class ConsumeResult(_Result):
+    """Outcome of :meth:`Ledger.consume` (and the shape :meth:`Ledger.commit` shares)."""
+
+    ok: bool
+    consumed: int
+    usage_remaining: int
+    replayed: bool = False
+    reason: Reason | None = None
+    subject: str
+    feature: str
+    key: str | None = None
+    entry_id: int | None = None
+    overage: int = 0
+    """Units of this operation recorded past allowance and credits (overage features only)."""
+
+
+class Reservation(_Result):
+    """Units held for a piece of work until it is committed, released or expires.
+
+    ``ok=False`` means the hold was refused (``reason`` says why) and there is nothing to
+    settle. ``replayed=True`` means the key already committed: the work must not be charged
+    again, and committing this reservation returns the original result.
+    """
+
+    ok: bool
+    id: int | None
+    subject: str
+    feature: str
+    units: int
+    key: str | None
+    expires_at: datetime | None
+    usage_remaining: int
+    reason: Reason | None = None
+    replayed: bool = False
+    consumed: int = 0
+    """For a replayed reservation, the units the original operation charged."""
+
+
+class Balance(_Result):
+    """Where a subject stands on one metered feature in the current period."""
+
+    subject: str
+    feature: str
+    plan: str
+    status: str
+    allowance: int
+    used: int
+    credits: int
+    held: int
+    overage: int
+    usage_remaining: int
+    period_start: datetime | None
+    period_end: datetime | None
+
+
+class HistoryEntry(_Result):
+    """One line of the append-only ledger of a subject."""
+
+    id: int
+    subject: str
+    feature: str
+    kind: str
+    """``consume``, ``reserve``, ``grant``, ``credit_expired``, ``revoke`` or ``period``."""
+    state: str
+    """``committed``, ``held``, ``released``, ``expired`` or ``applied``."""
+    units: int
+    """Units asked (consume), held (reserve), granted, expired or allowed (period)."""
+    charged: int | None
+    from_allowance: int
+    from_credit: int
+    overage: int
+    key: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    settled_at: datetime | None
+
+
+class GrantResult(_Result):
+    """Outcome of :meth:`Ledger.grant`: the credit, or the original one when the key replayed."""
+
+    subject: str
+    feature: str
+    units: int
+    key: str | None
+    entry_id: int
+    expires_at: datetime | None
+    replayed: bool = False
+
+
+class Subscription(_Result):
+    """A subject's plan and subscription state, as written by :meth:`Ledger.assign_plan`."""
+
+    subject: str
+    plan: str
+    status: str
+    access: bool
+    """Whether the status grants access right now (``past_due`` within its grace period does)."""
+    period_start: datetime
+    period_end: datetime
+    cancel_at_period_end: bool = False

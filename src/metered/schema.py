@@ -1,0 +1,96 @@
+"""The ledger's tables, as SQLAlchemy Core metadata.
+
+Every table is keyed by ``subject`` first: each ledger transaction touches one subject's rows
+only, which keeps PostgreSQL fast under many workers and lets the schema be sharded by subject
+(Citus, CockroachDB, YugabyteDB). Times are ``BIGINT`` microseconds since the epoch (UTC).
+
+The migrations under ``metered/migrations`` create exactly these tables; a test compares them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table
+
+metadata = MetaData()
+
+subjects = Table(
+    "metered_subjects",
+    metadata,
+    Column("subject", String(255), primary_key=True),
+    Column("plan", String(100), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("interval_months", Integer, nullable=False),
+    Column("period_anchor", BigInteger, nullable=False),
+    Column("period_start", BigInteger, nullable=False),
+    Column("period_end", BigInteger, nullable=False),
+    Column("past_due_since", BigInteger, nullable=True),
+    Column("cancel_at_period_end", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# One row per (subject, metered feature): the running balance of the current period, kept so
+# that consume/reserve/commit/release are one conditional write. ``recheck_at`` is the earliest
+# moment (period end, credit expiry, reservation expiry, plan change) at which the row must be
+# normalised before it can be trusted again; the fast path refuses to act past it.
+accounts = Table(
+    "metered_accounts",
+    metadata,
+    Column("subject", String(255), primary_key=True),
+    Column("feature", String(100), primary_key=True),
+    Column("plan", String(100), nullable=False),
+    Column("entitled", Boolean, nullable=False),
+    Column("overage_allowed", Boolean, nullable=False),
+    Column("allowance", BigInteger, nullable=False),
+    Column("used", BigInteger, nullable=False),
+    Column("credit", BigInteger, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("overage", BigInteger, nullable=False),
+    Column("period_start", BigInteger, nullable=False),
+    Column("period_end", BigInteger, nullable=False),
+    Column("access_until", BigInteger, nullable=True),
+    Column("recheck_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# The append-only ledger: every consumption, reservation, grant, expiry and period start. Rows
+# are never deleted; a reservation's outcome is filled in once when it settles. ``key`` holds
+# the idempotency key while it is live (held or committed); a released or expired reservation
+# moves it to ``released_key`` so the key can be used again by a retry.
+operations = Table(
+    "metered_operations",
+    metadata,
+    Column("subject", String(255), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("key", String(255), nullable=True),
+    Column("released_key", String(255), nullable=True),
+    Column("feature", String(100), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("units", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=True),
+    Column("from_allowance", BigInteger, nullable=False),
+    Column("from_credit", BigInteger, nullable=False),
+    Column("overage", BigInteger, nullable=False),
+    Column("remaining_after", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("settled_at", BigInteger, nullable=True),
+    Index("uq_metered_operations_key", "subject", "key", unique=True),
+    Index("ix_metered_operations_state", "subject", "feature", "state"),
+)
+
+# Credits from grants, spent after the period allowance, soonest-expiring first. ``remaining``
+# is reconciled lazily from the account's ``credit`` total when the account is normalised.
+credits = Table(
+    "metered_credits",
+    metadata,
+    Column("subject", String(255), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("feature", String(100), nullable=False),
+    Column("units", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_metered_credits_feature", "subject", "feature"),
+)
