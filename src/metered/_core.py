@@ -53,8 +53,16 @@ Rows = list[tuple[Any, ...]]
 Op = Generator[tuple[Any, dict[str, Any]], Rows, Any]
 
 STATUSES = frozenset(
-    {"active", "trialing", "past_due", "canceled", "unpaid", "incomplete",
-     "incomplete_expired", "paused"}
+    {
+        "active",
+        "trialing",
+        "past_due",
+        "canceled",
+        "unpaid",
+        "incomplete",
+        "incomplete_expired",
+        "paused",
+    }
 )
 _ATTEMPTS = 5
 
@@ -283,12 +291,15 @@ def _load_subject(ctx: Context, subject: str, now: int, *, write: bool) -> Op:
     state = _subject_from(rows[0])
     rolled = state.rolled(now)
     if write and rolled is not state:
-        yield stmts.subject_set_period, {
-            "subject": subject,
-            "period_start": rolled.period_start,
-            "period_end": rolled.period_end,
-            "now": now,
-        }
+        yield (
+            stmts.subject_set_period,
+            {
+                "subject": subject,
+                "period_start": rolled.period_start,
+                "period_end": rolled.period_end,
+                "now": now,
+            },
+        )
     return rolled
 
 
@@ -334,10 +345,25 @@ def normalize(ctx: Context, subject: str, feature: str) -> Op:
     for hold_id in result.expired_holds:
         yield stmts.operation_expire, {"subject": subject, "id": hold_id, "now": now}
     if result.rollover_units:
-        credit_id = yield from _record(ctx, subject, feature, "grant", result.rollover_units, now,
-                                       expires_at=result.account["period_end"])
-        yield stmts.credit_insert, {**key, "id": credit_id, "units": result.rollover_units,
-                                    "expires_at": result.account["period_end"], "now": now}
+        credit_id = yield from _record(
+            ctx,
+            subject,
+            feature,
+            "grant",
+            result.rollover_units,
+            now,
+            expires_at=result.account["period_end"],
+        )
+        yield (
+            stmts.credit_insert,
+            {
+                **key,
+                "id": credit_id,
+                "units": result.rollover_units,
+                "expires_at": result.account["period_end"],
+                "now": now,
+            },
+        )
     if result.new_period and result.account["entitled"]:
         yield from _record(ctx, subject, feature, "period", result.account["allowance"], now)
     yield stmts.account_upsert, {**key, **result.account, "now": now}
@@ -357,11 +383,21 @@ def _record(
 ) -> Op:
     """Append a history line that is not a unit operation (grant, expiry, period start)."""
     entry_id = ctx.ids.next(now)
-    rows = yield ctx.stmts.operation_record, {
-        "subject": subject, "id": entry_id, "key": key, "feature": feature, "kind": kind,
-        "state": "applied", "units": units, "charged": None, "now": now,
-        "expires_at": expires_at,
-    }
+    rows = yield (
+        ctx.stmts.operation_record,
+        {
+            "subject": subject,
+            "id": entry_id,
+            "key": key,
+            "feature": feature,
+            "kind": kind,
+            "state": "applied",
+            "units": units,
+            "charged": None,
+            "now": now,
+            "expires_at": expires_at,
+        },
+    )
     return entry_id if rows else None
 
 
@@ -378,9 +414,20 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     rows = yield stmts.unit_op[kind], params
     row = dict(zip(RESULT_COLUMNS, rows[0])) if rows else None
     if row is not None and row["ok"] and row["p_id"] is None:
-        bound = {**params, **{f"g_{name}": row[name] for name in
-                              ("ok", "available", "take_allowance", "take_credit",
-                               "take_overage", "held_units")}}
+        bound = {
+            **params,
+            **{
+                f"g_{name}": row[name]
+                for name in (
+                    "ok",
+                    "available",
+                    "take_allowance",
+                    "take_credit",
+                    "take_overage",
+                    "held_units",
+                )
+            },
+        }
         for stmt in stmts.unit_writes[kind]:
             yield stmt, bound
         row["applied"] = 1
@@ -398,8 +445,11 @@ def _denial(row: dict[str, Any]) -> Reason:
 
 def _check_prior(row: dict[str, Any], feature: str, units: int, now: int) -> str:
     """What an existing operation under the same key means: 'replay', 'expired' or raise."""
-    if row["p_kind"] not in ("consume", "reserve") or row["p_feature"] != feature \
-            or row["p_units"] != units:
+    if (
+        row["p_kind"] not in ("consume", "reserve")
+        or row["p_feature"] != feature
+        or row["p_units"] != units
+    ):
         raise IdempotencyKeyMismatch(
             f"key already used for {row['p_kind']} of {row['p_units']} {row['p_feature']!r};"
             f" now asked for {units} {feature!r}"
@@ -415,8 +465,15 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
     _require_metered(ctx, feature)
     for _ in range(_ATTEMPTS):
         now = ctx.clock.now_us()
-        params = {"subject": subject, "feature": feature, "units": units, "key": key,
-                  "id": ctx.ids.next(now), "now": now, "expires_at": None}
+        params: dict[str, Any] = {
+            "subject": subject,
+            "feature": feature,
+            "units": units,
+            "key": key,
+            "id": ctx.ids.next(now),
+            "now": now,
+            "expires_at": None,
+        }
         row = yield from _unit_statement(ctx, "consume", params)
         if row is None:
             if (yield from _ensure_account(ctx, subject, feature)):
@@ -424,16 +481,29 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
             return _consume_denied(subject, feature, key, "no_entitlement", 0)
         if row["applied"]:
             return ConsumeResult.model_construct(
-                ok=True, consumed=units, usage_remaining=_remaining_after(row, units),
-                replayed=False, reason=None, subject=subject, feature=feature, key=key,
-                entry_id=params["id"], overage=row["take_overage"],
+                ok=True,
+                consumed=units,
+                usage_remaining=_remaining_after(row, units),
+                replayed=False,
+                reason=None,
+                subject=subject,
+                feature=feature,
+                key=key,
+                entry_id=params["id"],
+                overage=row["take_overage"],
             )
         if row["p_id"] is not None:
             if _check_prior(row, feature, units, now) == "replay":
                 return ConsumeResult.model_construct(
-                    ok=True, consumed=row["p_charged"] or 0,
-                    usage_remaining=row["p_remaining"] or 0, replayed=True, reason=None,
-                    subject=subject, feature=feature, key=key, entry_id=row["p_id"],
+                    ok=True,
+                    consumed=row["p_charged"] or 0,
+                    usage_remaining=row["p_remaining"] or 0,
+                    replayed=True,
+                    reason=None,
+                    subject=subject,
+                    feature=feature,
+                    key=key,
+                    entry_id=row["p_id"],
                     overage=row["p_overage"] or 0,
                 )
             yield from normalize(ctx, subject, feature)
@@ -451,8 +521,16 @@ def _consume_denied(
     subject: str, feature: str, key: str | None, reason: Reason, available: int
 ) -> ConsumeResult:
     return ConsumeResult.model_construct(
-        ok=False, consumed=0, usage_remaining=max(available, 0), replayed=False, reason=reason,
-        subject=subject, feature=feature, key=key, entry_id=None, overage=0,
+        ok=False,
+        consumed=0,
+        usage_remaining=max(available, 0),
+        replayed=False,
+        reason=reason,
+        subject=subject,
+        feature=feature,
+        key=key,
+        entry_id=None,
+        overage=0,
     )
 
 
@@ -477,8 +555,15 @@ def reserve(
     _require_metered(ctx, feature)
     for _ in range(_ATTEMPTS):
         now = ctx.clock.now_us()
-        params = {"subject": subject, "feature": feature, "units": units, "key": key,
-                  "id": ctx.ids.next(now), "now": now, "expires_at": now + ttl_us}
+        params: dict[str, Any] = {
+            "subject": subject,
+            "feature": feature,
+            "units": units,
+            "key": key,
+            "id": ctx.ids.next(now),
+            "now": now,
+            "expires_at": now + ttl_us,
+        }
         row = yield from _unit_statement(ctx, "reserve", params)
         if row is None:
             if (yield from _ensure_account(ctx, subject, feature)):
@@ -486,17 +571,32 @@ def reserve(
             return _reservation_denied(subject, feature, units, key, "no_entitlement", 0)
         if row["applied"]:
             return Reservation.model_construct(
-                ok=True, id=params["id"], subject=subject, feature=feature, units=units, key=key,
+                ok=True,
+                id=params["id"],
+                subject=subject,
+                feature=feature,
+                units=units,
+                key=key,
                 expires_at=from_us(params["expires_at"]),
-                usage_remaining=_remaining_after(row, units), reason=None, replayed=False,
+                usage_remaining=_remaining_after(row, units),
+                reason=None,
+                replayed=False,
                 consumed=0,
             )
         if row["p_id"] is not None:
             if _check_prior(row, feature, units, now) == "replay":
                 return Reservation.model_construct(
-                    ok=True, id=row["p_id"], subject=subject, feature=feature, units=units,
-                    key=key, expires_at=None, usage_remaining=row["p_remaining"] or 0,
-                    reason=None, replayed=True, consumed=row["p_charged"] or 0,
+                    ok=True,
+                    id=row["p_id"],
+                    subject=subject,
+                    feature=feature,
+                    units=units,
+                    key=key,
+                    expires_at=None,
+                    usage_remaining=row["p_remaining"] or 0,
+                    reason=None,
+                    replayed=True,
+                    consumed=row["p_charged"] or 0,
                 )
             yield from normalize(ctx, subject, feature)
             continue
@@ -504,8 +604,7 @@ def reserve(
             yield from normalize(ctx, subject, feature)
             continue
         if not row["ok"]:
-            return _reservation_denied(subject, feature, units, key, _denial(row),
-                                       row["available"])
+            return _reservation_denied(subject, feature, units, key, _denial(row), row["available"])
     raise LedgerUnavailable("could not settle the operation after repeated contention")
 
 
@@ -513,8 +612,16 @@ def _reservation_denied(
     subject: str, feature: str, units: int, key: str | None, reason: Reason, available: int
 ) -> Reservation:
     return Reservation.model_construct(
-        ok=False, id=None, subject=subject, feature=feature, units=units, key=key,
-        expires_at=None, usage_remaining=max(available, 0), reason=reason, replayed=False,
+        ok=False,
+        id=None,
+        subject=subject,
+        feature=feature,
+        units=units,
+        key=key,
+        expires_at=None,
+        usage_remaining=max(available, 0),
+        reason=reason,
+        replayed=False,
         consumed=0,
     )
 
@@ -539,9 +646,15 @@ def _settled_error(row: dict[str, Any], now: int) -> ReservationError:
 def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
     if isinstance(reservation, Reservation) and reservation.replayed:
         return ConsumeResult.model_construct(
-            ok=True, consumed=reservation.consumed, usage_remaining=reservation.usage_remaining,
-            replayed=True, reason=None, subject=reservation.subject,
-            feature=reservation.feature, key=reservation.key, entry_id=reservation.id,
+            ok=True,
+            consumed=reservation.consumed,
+            usage_remaining=reservation.usage_remaining,
+            replayed=True,
+            reason=None,
+            subject=reservation.subject,
+            feature=reservation.feature,
+            key=reservation.key,
+            entry_id=reservation.id,
             overage=0,
         )
     target = _settle_target(reservation)
@@ -549,16 +662,30 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
     subject, feature = reservation.subject, reservation.feature
     for _ in range(_ATTEMPTS):
         now = ctx.clock.now_us()
-        params = {"subject": subject, "feature": feature, "units": final, "key": None,
-                  "id": target, "now": now, "expires_at": None}
+        params: dict[str, Any] = {
+            "subject": subject,
+            "feature": feature,
+            "units": final,
+            "key": None,
+            "id": target,
+            "now": now,
+            "expires_at": None,
+        }
         row = yield from _unit_statement(ctx, "commit", params)
         if row is None:
             raise ReservationNotFound("no such reservation for this subject")
         if row["applied"]:
             return ConsumeResult.model_construct(
-                ok=True, consumed=final, usage_remaining=_remaining_after(row, final),
-                replayed=False, reason=None, subject=subject, feature=feature,
-                key=reservation.key, entry_id=target, overage=row["take_overage"],
+                ok=True,
+                consumed=final,
+                usage_remaining=_remaining_after(row, final),
+                replayed=False,
+                reason=None,
+                subject=subject,
+                feature=feature,
+                key=reservation.key,
+                entry_id=target,
+                overage=row["take_overage"],
             )
         if row["r_state"] != "held" or row["r_expires_at"] <= now:
             raise _settled_error(row, now)
@@ -566,9 +693,16 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
             yield from normalize(ctx, subject, feature)
             continue
         return ConsumeResult.model_construct(
-            ok=False, consumed=0, usage_remaining=max(row["available"], 0), replayed=False,
-            reason="insufficient_units", subject=subject, feature=feature,
-            key=reservation.key, entry_id=target, overage=0,
+            ok=False,
+            consumed=0,
+            usage_remaining=max(row["available"], 0),
+            replayed=False,
+            reason="insufficient_units",
+            subject=subject,
+            feature=feature,
+            key=reservation.key,
+            entry_id=target,
+            overage=0,
         )
     raise LedgerUnavailable("could not settle the operation after repeated contention")
 
@@ -579,8 +713,15 @@ def release(ctx: Context, reservation: Reservation) -> Op:
         return False
     target = _settle_target(reservation)
     now = ctx.clock.now_us()
-    params = {"subject": reservation.subject, "feature": reservation.feature, "units": 0,
-              "key": None, "id": target, "now": now, "expires_at": None}
+    params = {
+        "subject": reservation.subject,
+        "feature": reservation.feature,
+        "units": 0,
+        "key": None,
+        "id": target,
+        "now": now,
+        "expires_at": None,
+    }
     row = yield from _unit_statement(ctx, "release", params)
     if row is None or row["r_state"] is None:
         raise ReservationNotFound("no such reservation for this subject")
@@ -611,35 +752,57 @@ def grant(
     key_params = {"subject": subject, "feature": feature}
     yield stmts.begin, {}
     yield stmts.account_get, key_params  # lock the account: grants serialise with spending
-    entry_id = yield from _record(ctx, subject, feature, "grant", units, now, key=key,
-                                  expires_at=expires_at)
+    entry_id = yield from _record(
+        ctx, subject, feature, "grant", units, now, key=key, expires_at=expires_at
+    )
     if entry_id is None:
         rows = yield stmts.operation_by_key, {"subject": subject, "key": key}
         yield stmts.commit_tx, {}
         prior = dict(zip(OPERATION_COLUMNS, rows[0]))
         if (prior["kind"], prior["feature"], prior["units"], prior["expires_at"]) != (
-            "grant", feature, units, expires_at
+            "grant",
+            feature,
+            units,
+            expires_at,
         ):
             raise IdempotencyKeyMismatch(
                 f"key already used for {prior['kind']} of {prior['units']} {prior['feature']!r}"
             )
         return _grant_result(subject, feature, units, key, expires_at, prior["id"], True)
-    yield stmts.credit_insert, {**key_params, "id": entry_id, "units": units,
-                                "expires_at": expires_at, "now": now}
-    yield stmts.account_add_credit, {**key_params, "units": units, "now": now,
-                                     "expires_at": FAR_FUTURE if expires_at is None
-                                     else expires_at}
+    yield (
+        stmts.credit_insert,
+        {**key_params, "id": entry_id, "units": units, "expires_at": expires_at, "now": now},
+    )
+    yield (
+        stmts.account_add_credit,
+        {
+            **key_params,
+            "units": units,
+            "now": now,
+            "expires_at": FAR_FUTURE if expires_at is None else expires_at,
+        },
+    )
     yield stmts.commit_tx, {}
     return _grant_result(subject, feature, units, key, expires_at, entry_id, False)
 
 
 def _grant_result(
-    subject: str, feature: str, units: int, key: str | None, expires_at: int | None,
-    entry_id: int, replayed: bool,
+    subject: str,
+    feature: str,
+    units: int,
+    key: str | None,
+    expires_at: int | None,
+    entry_id: int,
+    replayed: bool,
 ) -> GrantResult:
     return GrantResult.model_construct(
-        subject=subject, feature=feature, units=units, key=key, entry_id=entry_id,
-        expires_at=from_us(expires_at) if expires_at is not None else None, replayed=replayed,
+        subject=subject,
+        feature=feature,
+        units=units,
+        key=key,
+        entry_id=entry_id,
+        expires_at=from_us(expires_at) if expires_at is not None else None,
+        replayed=replayed,
     )
 
 
@@ -670,9 +833,14 @@ def assign_plan(
         past_due_since = old.past_due_since if old and old.status == "past_due" else now
         past_due_since = past_due_since if past_due_since is not None else now
     state = SubjectState(
-        plan=plan.name, status=status, interval_months=plan.interval_months,
-        period_anchor=anchor, period_start=start, period_end=end,
-        past_due_since=past_due_since, cancel_at_period_end=cancel_at_period_end,
+        plan=plan.name,
+        status=status,
+        interval_months=plan.interval_months,
+        period_anchor=anchor,
+        period_start=start,
+        period_end=end,
+        past_due_since=past_due_since,
+        cancel_at_period_end=cancel_at_period_end,
     )
     yield stmts.subject_upsert, _subject_params(subject, state, now)
     yield stmts.accounts_invalidate, {"subject": subject}
@@ -682,9 +850,12 @@ def assign_plan(
 
 def _subscription(subject: str, state: SubjectState, ctx: Context, now: int) -> Subscription:
     return Subscription.model_construct(
-        subject=subject, plan=state.plan, status=state.status,
+        subject=subject,
+        plan=state.plan,
+        status=state.status,
         access=_has_access(access_until(ctx, state), now),
-        period_start=from_us(state.period_start), period_end=from_us(state.period_end),
+        period_start=from_us(state.period_start),
+        period_end=from_us(state.period_end),
         cancel_at_period_end=state.cancel_at_period_end,
     )
 
@@ -711,8 +882,9 @@ def _read_state(ctx: Context, subject: str, feature: str, metered: bool) -> Op:
     account = dict(zip(ACCOUNT_COLUMNS, account_row)) if account_row else None
     if account is not None and account["recheck_at"] > now:
         return state, account, now
-    credits, holds = ((yield from _load_pending(ctx, subject, feature))
-                      if account is not None else ([], []))
+    credits, holds = (
+        (yield from _load_pending(ctx, subject, feature)) if account is not None else ([], [])
+    )
     return state, _normalize_account(ctx, feature, state, account, credits, holds, now).account, now
 
 
@@ -736,9 +908,15 @@ def check(ctx: Context, subject: str, feature: str) -> Op:
         if reason is None and remaining <= 0 and not overage_allowed:
             reason = "quota_exhausted"
     return CheckResult.model_construct(
-        allowed=reason is None, reason=reason, subject=subject, feature=feature,
-        plan=state.plan if state else "", status=state.status if state else "none",
-        metered=metered, usage_remaining=remaining, limit=limit,
+        allowed=reason is None,
+        reason=reason,
+        subject=subject,
+        feature=feature,
+        plan=state.plan if state else "",
+        status=state.status if state else "none",
+        metered=metered,
+        usage_remaining=remaining,
+        limit=limit,
         overage_allowed=overage_allowed,
         period_end=from_us(state.period_end) if state else None,
     )
@@ -754,18 +932,22 @@ def balance(ctx: Context, subject: str, feature: str) -> Op:
     state, account, _ = yield from _read_state(ctx, subject, feature, True)
     account = account or _normalize_account(ctx, feature, state, None, [], [], 0).account
     return Balance.model_construct(
-        subject=subject, feature=feature, plan=state.plan if state else "",
-        status=state.status if state else "none", allowance=account["allowance"],
-        used=account["used"], credits=account["credit"], held=account["held"],
-        overage=account["overage"], usage_remaining=_account_remaining(account),
+        subject=subject,
+        feature=feature,
+        plan=state.plan if state else "",
+        status=state.status if state else "none",
+        allowance=account["allowance"],
+        used=account["used"],
+        credits=account["credit"],
+        held=account["held"],
+        overage=account["overage"],
+        usage_remaining=_account_remaining(account),
         period_start=from_us(state.period_start) if state else None,
         period_end=from_us(state.period_end) if state else None,
     )
 
 
-def history(
-    ctx: Context, subject: str, feature: str | None, limit: int, before: int | None
-) -> Op:
+def history(ctx: Context, subject: str, feature: str | None, limit: int, before: int | None) -> Op:
     stmt = ctx.stmts.history[(feature is not None, before is not None)]
     params: dict[str, Any] = {"subject": subject, "limit": limit}
     if feature is not None:
@@ -776,14 +958,22 @@ def history(
     entries = []
     for row in rows:
         data = dict(zip(OPERATION_COLUMNS, row))
-        entries.append(HistoryEntry.model_construct(
-            id=data["id"], subject=data["subject"], feature=data["feature"],
-            kind=data["kind"], state=data["state"], units=data["units"],
-            charged=data["charged"], from_allowance=data["from_allowance"],
-            from_credit=data["from_credit"], overage=data["overage"],
-            key=data["key"] if data["key"] is not None else data["released_key"],
-            created_at=from_us(data["created_at"]),
-            expires_at=from_us(data["expires_at"]) if data["expires_at"] is not None else None,
-            settled_at=from_us(data["settled_at"]) if data["settled_at"] is not None else None,
-        ))
+        entries.append(
+            HistoryEntry.model_construct(
+                id=data["id"],
+                subject=data["subject"],
+                feature=data["feature"],
+                kind=data["kind"],
+                state=data["state"],
+                units=data["units"],
+                charged=data["charged"],
+                from_allowance=data["from_allowance"],
+                from_credit=data["from_credit"],
+                overage=data["overage"],
+                key=data["key"] if data["key"] is not None else data["released_key"],
+                created_at=from_us(data["created_at"]),
+                expires_at=from_us(data["expires_at"]) if data["expires_at"] is not None else None,
+                settled_at=from_us(data["settled_at"]) if data["settled_at"] is not None else None,
+            )
+        )
     return entries

@@ -15,6 +15,7 @@ parses URLs and owns schema and migrations (:mod:`metered.migrate`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -57,7 +58,7 @@ def resolve_url(url: str | None, *, asynchronous: bool) -> Target:
     """Resolve a URL as users write it (``postgres://`` too); default ``$METERED_DATABASE_URL``."""
     raw = url or os.environ.get("METERED_DATABASE_URL") or DEFAULT_URL
     if raw.startswith("postgres://"):
-        raw = "postgresql://" + raw[len("postgres://"):]
+        raw = "postgresql://" + raw[len("postgres://") :]
     try:
         parsed = make_url(raw)
     except ArgumentError as exc:
@@ -110,9 +111,7 @@ def drive(op: Op, execute: Callable[[Stmt, dict[str, Any]], Rows]) -> Any:
         return done.value
 
 
-async def drive_async(
-    op: Op, execute: Callable[[Stmt, dict[str, Any]], Awaitable[Rows]]
-) -> Any:
+async def drive_async(op: Op, execute: Callable[[Stmt, dict[str, Any]], Awaitable[Rows]]) -> Any:
     """Run a core operation on an asyncio connection."""
     try:
         stmt, params = next(op)
@@ -214,10 +213,8 @@ class SQLiteExecutor(SyncExecutor):
 
     def close(self) -> None:
         for conn in self._all:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:  # pragma: no cover - closing is best effort
-                pass
         self._all = []
         self._local = threading.local()
         self._shared = None
@@ -289,7 +286,7 @@ class PsycopgExecutor(SyncExecutor):
             with self._pool.connection() as conn:
 
                 def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-                    cur = conn.execute(stmt.sql, params)  # type: ignore[arg-type]
+                    cur = conn.execute(stmt.sql, params)
                     return cur.fetchall() if cur.description is not None else []
 
                 try:
@@ -327,8 +324,13 @@ class PsycopgAsyncExecutor(AsyncExecutor):
         if self._pool is None or self._loop is not loop:
             # A pool belongs to one event loop; a new loop (e.g. per test) gets its own.
             pool = AsyncConnectionPool(
-                self._conninfo, min_size=1, max_size=self._size, timeout=self._timeout,
-                kwargs={"autocommit": True}, open=False, name="metered-async",
+                self._conninfo,
+                min_size=1,
+                max_size=self._size,
+                timeout=self._timeout,
+                kwargs={"autocommit": True},
+                open=False,
+                name="metered-async",
             )
             await pool.open(wait=False)
             self._pool, self._loop = pool, loop
@@ -341,7 +343,7 @@ class PsycopgAsyncExecutor(AsyncExecutor):
 
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
                     cur = await conn.execute(stmt.sql, params)
-                    return await cur.fetchall() if cur.description is not None else []  # type: ignore[no-any-return]
+                    return await cur.fetchall() if cur.description is not None else []
 
                 try:
                     return await drive_async(op, execute)

@@ -150,7 +150,8 @@ FROM g WHERE metered_operations.subject = :subject AND metered_operations.id = :
 
 _WRITES = {
     "consume": _INSERT_OPERATION.replace(
-        "{values}", "'consume', 'committed', :units, :units, take_allowance, take_credit, take_overage"
+        "{values}",
+        "'consume', 'committed', :units, :units, take_allowance, take_credit, take_overage",
     ).replace("{expires}", "NULL"),
     "reserve": _INSERT_OPERATION.replace(
         "{values}", "'reserve', 'held', :units, NULL, 0, 0, 0"
@@ -337,7 +338,8 @@ class Statements:
             " WHERE subject = :subject AND feature = :feature AND remaining > 0"
         )
         self.credit_set_remaining = r(
-            "UPDATE metered_credits SET remaining = :remaining WHERE subject = :subject AND id = :id"
+            "UPDATE metered_credits SET remaining = :remaining"
+            " WHERE subject = :subject AND id = :id"
         )
         self.credit_insert = r(
             "INSERT INTO metered_credits (subject, id, feature, units, remaining, expires_at,"

@@ -16,8 +16,15 @@ from typing import Any
 
 from metered import _core, migrate
 from metered import validation as check_input
-from metered._drivers import AsyncExecutor, SyncExecutor, Target, async_executor, resolve_url
-from metered._drivers import statements_for, sync_executor
+from metered._drivers import (
+    AsyncExecutor,
+    SyncExecutor,
+    Target,
+    async_executor,
+    resolve_url,
+    statements_for,
+    sync_executor,
+)
 from metered.clock import Clock, SystemClock, duration_us, to_us
 from metered.errors import ConfigurationError, InvalidInput, UnknownPlan
 from metered.plans import Catalog, Plan
@@ -96,8 +103,11 @@ class _LedgerBase:
         self, subject: str, units: int, feature: str | None, key: str | None
     ) -> _core.Op:
         return _core.consume(
-            self._ctx, check_input.subject(subject), self._feature(feature),
-            check_input.units(units), check_input.key(key),
+            self._ctx,
+            check_input.subject(subject),
+            self._feature(feature),
+            check_input.units(units),
+            check_input.key(key),
         )
 
     def _op_reserve(
@@ -109,8 +119,11 @@ class _LedgerBase:
         ttl: timedelta | float | None,
     ) -> _core.Op:
         return _core.reserve(
-            self._ctx, check_input.subject(subject), self._feature(feature),
-            check_input.units(units), check_input.key(key),
+            self._ctx,
+            check_input.subject(subject),
+            self._feature(feature),
+            check_input.units(units),
+            check_input.key(key),
             self.default_ttl_us if ttl is None else check_input.ttl_us(ttl),
         )
 
@@ -133,8 +146,11 @@ class _LedgerBase:
         if expires_at is not None and not isinstance(expires_at, datetime):
             raise InvalidInput("expires_at must be a datetime")
         return _core.grant(
-            self._ctx, check_input.subject(subject), self._feature(feature),
-            check_input.units(units), check_input.key(key),
+            self._ctx,
+            check_input.subject(subject),
+            self._feature(feature),
+            check_input.units(units),
+            check_input.key(key),
             to_us(expires_at) if expires_at is not None else None,
         )
 
@@ -158,8 +174,13 @@ class _LedgerBase:
         if start is not None and end is not None and end <= start:
             raise InvalidInput("period_end must be after period_start")
         return _core.assign_plan(
-            self._ctx, check_input.subject(subject), self.catalog.plan(plan), status, start,
-            end, bool(cancel_at_period_end),
+            self._ctx,
+            check_input.subject(subject),
+            self.catalog.plan(plan),
+            status,
+            start,
+            end,
+            bool(cancel_at_period_end),
         )
 
     def _op_balance(self, subject: str, feature: str | None) -> _core.Op:
@@ -170,9 +191,11 @@ class _LedgerBase:
     ) -> _core.Op:
         limit = check_input.units(limit, name="limit")
         return _core.history(
-            self._ctx, check_input.subject(subject),
+            self._ctx,
+            check_input.subject(subject),
             check_input.feature(feature) if feature is not None else None,
-            min(limit, 10_000), before,
+            min(limit, 10_000),
+            before,
         )
 
 
@@ -250,8 +273,9 @@ class Ledger(_LedgerBase):
     ) -> Subscription:
         """Set a subject's plan and subscription state (the one write path Stripe sync uses)."""
         return self._executor.run(  # type: ignore[no-any-return]
-            self._op_assign_plan(subject, plan, status, period_start, period_end,
-                                 cancel_at_period_end)
+            self._op_assign_plan(
+                subject, plan, status, period_start, period_end, cancel_at_period_end
+            )
         )
 
     def balance(self, subject: str, feature: str | None = None) -> Balance:
@@ -353,8 +377,9 @@ class AsyncLedger(_LedgerBase):
     ) -> Subscription:
         """See :meth:`Ledger.assign_plan`."""
         return await self._executor.run(  # type: ignore[no-any-return]
-            self._op_assign_plan(subject, plan, status, period_start, period_end,
-                                 cancel_at_period_end)
+            self._op_assign_plan(
+                subject, plan, status, period_start, period_end, cancel_at_period_end
+            )
         )
 
     async def balance(self, subject: str, feature: str | None = None) -> Balance:

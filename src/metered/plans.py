@@ -5,7 +5,7 @@ A feature is either boolean (access only) or metered (a number of units per bill
     Plan("pro", prices=["price_pro_monthly"], features={
         "reports": True,                                   # boolean
         "api_calls": 10_000,                               # metered, hard limit
-        "tokens": Feature(units=1_000_000, overage=True),  # metered, overage recorded past the allowance
+        "tokens": Feature(units=1_000_000, overage=True),  # metered, overage past it
     })
 """
 
@@ -109,7 +109,8 @@ class Catalog:
             for price in plan.prices:
                 if price in self.by_price:
                     raise ConfigurationError(
-                        f"price {price!r} maps to both {self.by_price[price].name!r} and {plan.name!r}"
+                        f"price {price!r} maps to both {self.by_price[price].name!r}"
+                        f" and {plan.name!r}"
                     )
                 self.by_price[price] = plan
         if default_plan is not None and default_plan not in self.plans:

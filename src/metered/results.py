@@ -36,7 +36,7 @@ class CheckResult(_Result):
     status: str
     metered: bool
     usage_remaining: int | None
-    """Spendable units now (allowance left + credits - in-flight holds); None for boolean features."""
+    """Spendable now: allowance left + credits - in-flight holds. None for boolean features."""
     limit: int | None
     """The period allowance; None for boolean features."""
     overage_allowed: bool = False

@@ -1,4 +1,4 @@
-"""Input validation shared by every entry point. Fails before any I/O, so bad input writes nothing."""
+"""Input validation for every entry point. It runs before any I/O: bad input writes nothing."""
 
 from __future__ import annotations
 
@@ -25,17 +25,15 @@ def _describe(value: Any) -> str:
 
 def units(value: Any, *, allow_zero: bool = False, name: str = "units") -> int:
     """Validate an amount of units: an ``int`` (not ``bool``), positive (or zero when allowed)."""
-    if type(value) is not int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = int(value)  # int subclasses such as IntEnum
-        else:
-            raise InvalidUnits(f"{name} must be an int, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidUnits(f"{name} must be an int, got {type(value).__name__}")
+    amount = int(value)  # also normalises int subclasses such as IntEnum
     low = 0 if allow_zero else 1
-    if value < low:
-        raise InvalidUnits(f"{name} must be >= {low}, got {value}")
-    if value > MAX_UNITS:
-        raise InvalidUnits(f"{name} must be <= {MAX_UNITS}, got {value}")
-    return value
+    if amount < low:
+        raise InvalidUnits(f"{name} must be >= {low}, got {amount}")
+    if amount > MAX_UNITS:
+        raise InvalidUnits(f"{name} must be <= {MAX_UNITS}, got {amount}")
+    return amount
 
 
 def _text(value: Any, *, what: str, limit: int, error: type[InvalidInput]) -> str:

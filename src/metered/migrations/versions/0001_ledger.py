@@ -38,8 +38,7 @@ def upgrade() -> None:
         sa.Column("plan", sa.String(100), nullable=False),
         sa.Column("entitled", sa.Boolean(), nullable=False),
         sa.Column("overage_allowed", sa.Boolean(), nullable=False),
-        *_bigints("allowance", "used", "credit", "held", "overage", "period_start",
-                  "period_end"),
+        *_bigints("allowance", "used", "credit", "held", "overage", "period_start", "period_end"),
         sa.Column("access_until", sa.BigInteger(), nullable=True),
         *_bigints("recheck_at", "updated_at"),
     )
@@ -59,10 +58,12 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         *_bigints("expires_at", "settled_at", nullable=True),
     )
-    op.create_index("uq_metered_operations_key", "metered_operations", ["subject", "key"],
-                    unique=True)
-    op.create_index("ix_metered_operations_state", "metered_operations",
-                    ["subject", "feature", "state"])
+    op.create_index(
+        "uq_metered_operations_key", "metered_operations", ["subject", "key"], unique=True
+    )
+    op.create_index(
+        "ix_metered_operations_state", "metered_operations", ["subject", "feature", "state"]
+    )
     op.create_table(
         "metered_credits",
         sa.Column("subject", sa.String(255), primary_key=True),
@@ -76,6 +77,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("metered_credits", "metered_operations", "metered_accounts",
-                  "metered_subjects"):
+    for table in ("metered_credits", "metered_operations", "metered_accounts", "metered_subjects"):
         op.drop_table(table)
