@@ -23,11 +23,19 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from metered._sql import ACCOUNT_COLUMNS, FAR_FUTURE, OPERATION_COLUMNS, RESULT_COLUMNS, Statements
+from metered._sql import (
+    ACCOUNT_COLUMNS,
+    DECISION_VALUES,
+    FAR_FUTURE,
+    OPERATION_COLUMNS,
+    RESULT_COLUMNS,
+    Statements,
+)
 from metered.clock import Clock, from_us
 from metered.errors import (
     IdempotencyKeyMismatch,
     InvalidInput,
+    InvalidUnits,
     LedgerUnavailable,
     NotMeteredFeature,
     OperationInProgress,
@@ -48,6 +56,7 @@ from metered.results import (
     Reservation,
     Subscription,
 )
+from metered.validation import MAX_TOTAL
 
 Rows = list[tuple[Any, ...]]
 Op = Generator[tuple[Any, dict[str, Any]], Rows, Any]
@@ -270,6 +279,7 @@ def _normalize_account(
             "period_end": period_end,
             "access_until": access_until(ctx, subject),
             "recheck_at": min(period_end, next_expiry),
+            "meter": spec.meter if spec is not None and entitled else None,
         },
         credit_updates=credit_updates,
         expired_credits=expired_credits,
@@ -328,9 +338,18 @@ def _load_pending(ctx: Context, subject: str, feature: str) -> Op:
 
 def normalize(ctx: Context, subject: str, feature: str) -> Op:
     """Bring one account up to date in its own transaction (expiry, rollover, plan changes)."""
+    yield ctx.stmts.begin, {}
+    yield from normalize_in_tx(ctx, subject, feature, ctx.clock.now_us())
+    yield ctx.stmts.commit_tx, {}
+
+
+def normalize_in_tx(ctx: Context, subject: str, feature: str, now: int) -> Op:
+    """The body of :func:`normalize`, for callers that already opened a transaction.
+
+    Locks the subject row, then the account row (the lock order every writer follows), and
+    returns the account as written.
+    """
     stmts = ctx.stmts
-    now = ctx.clock.now_us()
-    yield stmts.begin, {}
     state = yield from _load_subject(ctx, subject, now, write=True)
     key = {"subject": subject, "feature": feature}
     rows = yield stmts.account_get, key
@@ -345,29 +364,16 @@ def normalize(ctx: Context, subject: str, feature: str) -> Op:
     for hold_id in result.expired_holds:
         yield stmts.operation_expire, {"subject": subject, "id": hold_id, "now": now}
     if result.rollover_units:
+        period_end = result.account["period_end"]
         credit_id = yield from _record(
-            ctx,
-            subject,
-            feature,
-            "grant",
-            result.rollover_units,
-            now,
-            expires_at=result.account["period_end"],
+            ctx, subject, feature, "grant", result.rollover_units, now, expires_at=period_end
         )
-        yield (
-            stmts.credit_insert,
-            {
-                **key,
-                "id": credit_id,
-                "units": result.rollover_units,
-                "expires_at": result.account["period_end"],
-                "now": now,
-            },
-        )
+        credit = {"id": credit_id, "units": result.rollover_units, "expires_at": period_end}
+        yield stmts.credit_insert, {**key, **credit, "now": now}
     if result.new_period and result.account["entitled"]:
         yield from _record(ctx, subject, feature, "period", result.account["allowance"], now)
     yield stmts.account_upsert, {**key, **result.account, "now": now}
-    yield stmts.commit_tx, {}
+    return result.account
 
 
 def _record(
@@ -414,20 +420,7 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     rows = yield stmts.unit_op[kind], params
     row = dict(zip(RESULT_COLUMNS, rows[0])) if rows else None
     if row is not None and row["ok"] and row["p_id"] is None:
-        bound = {
-            **params,
-            **{
-                f"g_{name}": row[name]
-                for name in (
-                    "ok",
-                    "available",
-                    "take_allowance",
-                    "take_credit",
-                    "take_overage",
-                    "held_units",
-                )
-            },
-        }
+        bound = {**params, **{f"g_{name}": row[name] for name in DECISION_VALUES}}
         for stmt in stmts.unit_writes[kind]:
             yield stmt, bound
         row["applied"] = 1
@@ -744,20 +737,31 @@ def grant(
     expires_at: int | None,
 ) -> Op:
     _require_metered(ctx, feature)
+    yield ctx.stmts.begin, {}
+    result = yield from grant_in_tx(ctx, subject, feature, units, key, expires_at)
+    yield ctx.stmts.commit_tx, {}
+    return result
+
+
+def grant_in_tx(
+    ctx: Context,
+    subject: str,
+    feature: str,
+    units: int,
+    key: str | None,
+    expires_at: int | None,
+) -> Op:
+    """The body of :func:`grant`, for callers that already opened a transaction."""
     stmts = ctx.stmts
     now = ctx.clock.now_us()
     if expires_at is not None and expires_at <= now:
         raise InvalidInput("expires_at is in the past; the credit would never be spendable")
-    yield from normalize(ctx, subject, feature)
-    key_params = {"subject": subject, "feature": feature}
-    yield stmts.begin, {}
-    yield stmts.account_get, key_params  # lock the account: grants serialise with spending
+    account = yield from normalize_in_tx(ctx, subject, feature, now)
     entry_id = yield from _record(
         ctx, subject, feature, "grant", units, now, key=key, expires_at=expires_at
     )
     if entry_id is None:
         rows = yield stmts.operation_by_key, {"subject": subject, "key": key}
-        yield stmts.commit_tx, {}
         prior = dict(zip(OPERATION_COLUMNS, rows[0]))
         if (prior["kind"], prior["feature"], prior["units"], prior["expires_at"]) != (
             "grant",
@@ -769,21 +773,49 @@ def grant(
                 f"key already used for {prior['kind']} of {prior['units']} {prior['feature']!r}"
             )
         return _grant_result(subject, feature, units, key, expires_at, prior["id"], True)
+    if account["credit"] + units > MAX_TOTAL:
+        raise InvalidUnits(f"the credit balance would exceed {MAX_TOTAL} units")
+    key_params = {"subject": subject, "feature": feature}
+    credit = {"id": entry_id, "units": units, "expires_at": expires_at}
+    yield stmts.credit_insert, {**key_params, **credit, "now": now}
+    recheck = FAR_FUTURE if expires_at is None else expires_at
     yield (
-        stmts.credit_insert,
-        {**key_params, "id": entry_id, "units": units, "expires_at": expires_at, "now": now},
+        stmts.account_add_credit,
+        {**key_params, "units": units, "now": now, "expires_at": recheck},
+    )
+    return _grant_result(subject, feature, units, key, expires_at, entry_id, False)
+
+
+def revoke_in_tx(ctx: Context, subject: str, feature: str, grant_key: str, units: int | None) -> Op:
+    """Take back up to ``units`` (default: all) of a grant's credits that are still unspent.
+
+    Never below zero: what was already spent stays spent. Returns the units taken back.
+    """
+    stmts = ctx.stmts
+    now = ctx.clock.now_us()
+    yield from normalize_in_tx(ctx, subject, feature, now)  # reconciles credit remainders
+    rows = yield stmts.operation_by_key, {"subject": subject, "key": grant_key}
+    if not rows:
+        return 0
+    prior = dict(zip(OPERATION_COLUMNS, rows[0]))
+    if prior["kind"] != "grant" or prior["feature"] != feature:
+        raise IdempotencyKeyMismatch(f"key {grant_key!r} is not a grant of {feature!r}")
+    credit_rows = yield stmts.credit_get, {"subject": subject, "id": prior["id"]}
+    remaining = credit_rows[0][0] if credit_rows else 0
+    take = remaining if units is None else min(units, remaining)
+    if take <= 0:
+        return 0
+    key_params = {"subject": subject, "feature": feature}
+    yield (
+        stmts.credit_set_remaining,
+        {**key_params, "id": prior["id"], "remaining": remaining - take},
     )
     yield (
         stmts.account_add_credit,
-        {
-            **key_params,
-            "units": units,
-            "now": now,
-            "expires_at": FAR_FUTURE if expires_at is None else expires_at,
-        },
+        {**key_params, "units": -take, "now": now, "expires_at": FAR_FUTURE},
     )
-    yield stmts.commit_tx, {}
-    return _grant_result(subject, feature, units, key, expires_at, entry_id, False)
+    yield from _record(ctx, subject, feature, "revoke", take, now)
+    return take
 
 
 def _grant_result(
@@ -815,9 +847,26 @@ def assign_plan(
     period_end: int | None,
     cancel_at_period_end: bool,
 ) -> Op:
+    yield ctx.stmts.begin, {}
+    result = yield from assign_plan_in_tx(
+        ctx, subject, plan, status, period_start, period_end, cancel_at_period_end
+    )
+    yield ctx.stmts.commit_tx, {}
+    return result
+
+
+def assign_plan_in_tx(
+    ctx: Context,
+    subject: str,
+    plan: Plan,
+    status: str,
+    period_start: int | None,
+    period_end: int | None,
+    cancel_at_period_end: bool,
+) -> Op:
+    """The body of :func:`assign_plan`, for callers that already opened a transaction."""
     stmts = ctx.stmts
     now = ctx.clock.now_us()
-    yield stmts.begin, {}
     rows = yield stmts.subject_get, {"subject": subject}
     old = _subject_from(rows[0]) if rows else None
     if period_start is not None:
@@ -844,7 +893,6 @@ def assign_plan(
     )
     yield stmts.subject_upsert, _subject_params(subject, state, now)
     yield stmts.accounts_invalidate, {"subject": subject}
-    yield stmts.commit_tx, {}
     return _subscription(subject, state, ctx, now)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
@@ -149,6 +150,14 @@ class AsyncExecutor:
 # --------------------------------------------------------------------------- SQLite
 
 
+# OperationalErrors that mean "cannot use the database now", as opposed to a bug in a statement.
+_SQLITE_UNAVAILABLE = re.compile(
+    r"locked|busy|disk I/O|unable to open|readonly|read-only|database or disk is full|"
+    r"no such table|malformed|not a database",
+    re.IGNORECASE,
+)
+
+
 class SQLiteExecutor(SyncExecutor):
     """One connection per thread (and per process after a fork); ``:memory:`` shares one."""
 
@@ -202,10 +211,12 @@ class SQLiteExecutor(SyncExecutor):
 
         try:
             return drive(op, execute)
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise _unavailable(exc) from exc
+            if _SQLITE_UNAVAILABLE.search(str(exc)):
+                raise _unavailable(exc) from exc
+            raise
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

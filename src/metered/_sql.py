@@ -42,11 +42,21 @@ DECISION_COLUMNS = (
     "take_credit",
     "take_overage",
     "held_units",
+    "meter",
     "r_state",
     "r_expires_at",
     "r_key",
 )
-_G_VALUES = ("ok", "available", "take_allowance", "take_credit", "take_overage", "held_units")
+DECISION_VALUES = (
+    "ok",
+    "available",
+    "take_allowance",
+    "take_credit",
+    "take_overage",
+    "held_units",
+    "meter",
+)
+"""The decision values the SQLite writes read back through ``g``."""
 PRIOR_COLUMNS = (
     "p_id",
     "p_kind",
@@ -99,7 +109,8 @@ def render(sql: str, style: ParamStyle) -> Stmt:
 
 
 _ACCOUNT = """
-a AS (SELECT entitled, overage_allowed, allowance, used, credit, held, access_until, recheck_at
+a AS (SELECT entitled, overage_allowed, allowance, used, credit, held, access_until, recheck_at,
+             meter
       FROM metered_accounts WHERE subject = :subject AND feature = :feature{lock})"""
 
 _RESERVATION = """
@@ -139,8 +150,9 @@ _OK = {
 
 _INSERT_OPERATION = """
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
-    from_allowance, from_credit, overage, remaining_after, created_at, expires_at)
-SELECT :subject, :id, :key, :feature, {values}, {greatest}(available - :units, 0), :now, {expires}
+    from_allowance, from_credit, overage, remaining_after, created_at, expires_at, meter)
+SELECT :subject, :id, :key, :feature, {values}, {{greatest}}(available - :units, 0), :now,
+       {expires}, {meter}
 FROM g WHERE ok
 ON CONFLICT (subject, key) DO NOTHING"""
 
@@ -149,21 +161,21 @@ UPDATE metered_operations SET {assignments}, settled_at = :now
 FROM g WHERE metered_operations.subject = :subject AND metered_operations.id = :id AND g.ok"""
 
 _WRITES = {
-    "consume": _INSERT_OPERATION.replace(
-        "{values}",
-        "'consume', 'committed', :units, :units, take_allowance, take_credit, take_overage",
-    ).replace("{expires}", "NULL"),
-    "reserve": _INSERT_OPERATION.replace(
-        "{values}", "'reserve', 'held', :units, NULL, 0, 0, 0"
-    ).replace("{expires}", ":expires_at"),
-    "commit": _SETTLE_OPERATION.replace(
-        "{assignments}",
-        "state = 'committed', charged = :units, from_allowance = g.take_allowance,"
-        " from_credit = g.take_credit, overage = g.take_overage,"
-        " remaining_after = {greatest}(g.available - :units, 0)",
+    "consume": _INSERT_OPERATION.format(
+        values="'consume', 'committed', :units, :units, take_allowance, take_credit, take_overage",
+        expires="NULL",
+        meter="meter",
     ),
-    "release": _SETTLE_OPERATION.replace(
-        "{assignments}", "state = 'released', released_key = key, key = NULL"
+    "reserve": _INSERT_OPERATION.format(
+        values="'reserve', 'held', :units, NULL, 0, 0, 0", expires=":expires_at", meter="NULL"
+    ),
+    "commit": _SETTLE_OPERATION.format(
+        assignments="state = 'committed', charged = :units, from_allowance = g.take_allowance,"
+        " from_credit = g.take_credit, overage = g.take_overage,"
+        " remaining_after = {greatest}(g.available - :units, 0), meter = g.meter"
+    ),
+    "release": _SETTLE_OPERATION.format(
+        assignments="state = 'released', released_key = key, key = NULL"
     ),
 }
 
@@ -211,6 +223,7 @@ ACCOUNT_COLUMNS = (
     "period_end",
     "access_until",
     "recheck_at",
+    "meter",
 )
 OPERATION_COLUMNS = (
     "id",
@@ -274,7 +287,7 @@ class Statements:
                     f" FROM g{prior_join}"
                 )
                 bound = "g({}) AS (VALUES ({}))".format(
-                    ", ".join(_G_VALUES), ", ".join(f":g_{name}" for name in _G_VALUES)
+                    ", ".join(DECISION_VALUES), ", ".join(f":g_{name}" for name in DECISION_VALUES)
                 )
                 self.unit_writes[kind] = (
                     r(f"WITH {bound} {write}"),
@@ -364,6 +377,9 @@ class Statements:
         self.operation_by_key = r(
             f"SELECT {_OPERATION_SELECT} FROM metered_operations"
             " WHERE subject = :subject AND key = :key"
+        )
+        self.credit_get = r(
+            "SELECT remaining FROM metered_credits WHERE subject = :subject AND id = :id"
         )
         self.operation_by_id = r(
             f"SELECT {_OPERATION_SELECT}, remaining_after FROM metered_operations"

@@ -293,6 +293,10 @@ class Ledger(_LedgerBase):
         """The subject's ledger lines, newest first (page with ``before=<last id>``)."""
         return self._executor.run(self._op_history(subject, feature, limit, before))  # type: ignore[no-any-return]
 
+    def _run(self, op: _core.Op) -> Any:
+        """Drive a core operation (for metered's own integrations, e.g. Stripe sync)."""
+        return self._executor.run(op)
+
     def close(self) -> None:
         """Close the connection pool."""
         self._executor.close()
@@ -396,6 +400,10 @@ class AsyncLedger(_LedgerBase):
     ) -> list[HistoryEntry]:
         """See :meth:`Ledger.history`."""
         return await self._executor.run(self._op_history(subject, feature, limit, before))  # type: ignore[no-any-return]
+
+    async def _run(self, op: _core.Op) -> Any:
+        """Drive a core operation (for metered's own integrations, e.g. Stripe sync)."""
+        return await self._executor.run(op)
 
     async def close(self) -> None:
         """Close the connection pool."""

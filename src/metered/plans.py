@@ -38,6 +38,8 @@ class Feature(BaseModel):
     """Let usage continue past allowance and credits; the excess is recorded as overage."""
     rollover: bool = False
     """Carry unused allowance into the next period as a credit that expires at its end."""
+    meter: str | None = Field(default=None, min_length=1, max_length=100)
+    """Stripe Billing Meter ``event_name``: committed usage is queued for export to it."""
 
     @property
     def metered(self) -> bool:
@@ -45,8 +47,8 @@ class Feature(BaseModel):
 
     @model_validator(mode="after")
     def _boolean_has_no_unit_options(self) -> Feature:
-        if self.units is None and (self.overage or self.rollover):
-            raise ValueError("overage and rollover apply to metered features (set units)")
+        if self.units is None and (self.overage or self.rollover or self.meter):
+            raise ValueError("overage, rollover and meter apply to metered features (set units)")
         return self
 
 

@@ -9,9 +9,10 @@ The migrations under ``metered/migrations`` create exactly these tables; a test 
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, text
 
 metadata = MetaData()
+_EXPORT_PENDING = "meter IS NOT NULL AND exported_at IS NULL"
 
 subjects = Table(
     "metered_subjects",
@@ -50,6 +51,7 @@ accounts = Table(
     Column("period_end", BigInteger, nullable=False),
     Column("access_until", BigInteger, nullable=True),
     Column("recheck_at", BigInteger, nullable=False),
+    Column("meter", String(100), nullable=True),
     Column("updated_at", BigInteger, nullable=False),
 )
 
@@ -76,8 +78,18 @@ operations = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=True),
     Column("settled_at", BigInteger, nullable=True),
+    # Usage billed through a Stripe meter: set when the units are committed, in the same
+    # statement, so the row itself is the outbox entry; ``exported_at`` marks it sent.
+    Column("meter", String(100), nullable=True),
+    Column("exported_at", BigInteger, nullable=True),
     Index("uq_metered_operations_key", "subject", "key", unique=True),
     Index("ix_metered_operations_state", "subject", "feature", "state"),
+    Index(
+        "ix_metered_operations_export",
+        "id",
+        postgresql_where=text(_EXPORT_PENDING),
+        sqlite_where=text(_EXPORT_PENDING),
+    ),
 )
 
 # Credits from grants, spent after the period allowance, soonest-expiring first. ``remaining``

@@ -40,7 +40,9 @@ def upgrade() -> None:
         sa.Column("overage_allowed", sa.Boolean(), nullable=False),
         *_bigints("allowance", "used", "credit", "held", "overage", "period_start", "period_end"),
         sa.Column("access_until", sa.BigInteger(), nullable=True),
-        *_bigints("recheck_at", "updated_at"),
+        sa.Column("recheck_at", sa.BigInteger(), nullable=False),
+        sa.Column("meter", sa.String(100), nullable=True),
+        sa.Column("updated_at", sa.BigInteger(), nullable=False),
     )
     op.create_table(
         "metered_operations",
@@ -57,12 +59,22 @@ def upgrade() -> None:
         sa.Column("remaining_after", sa.BigInteger(), nullable=True),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         *_bigints("expires_at", "settled_at", nullable=True),
+        sa.Column("meter", sa.String(100), nullable=True),
+        sa.Column("exported_at", sa.BigInteger(), nullable=True),
     )
     op.create_index(
         "uq_metered_operations_key", "metered_operations", ["subject", "key"], unique=True
     )
     op.create_index(
         "ix_metered_operations_state", "metered_operations", ["subject", "feature", "state"]
+    )
+    pending = sa.text("meter IS NOT NULL AND exported_at IS NULL")
+    op.create_index(
+        "ix_metered_operations_export",
+        "metered_operations",
+        ["id"],
+        postgresql_where=pending,
+        sqlite_where=pending,
     )
     op.create_table(
         "metered_credits",
