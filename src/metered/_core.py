@@ -456,6 +456,7 @@ def _check_prior(row: dict[str, Any], feature: str, units: int, now: int) -> str
 
 def consume(ctx: Context, subject: str, feature: str, units: int, key: str | None) -> Op:
     _require_metered(ctx, feature)
+    looked = False
     for _ in range(_ATTEMPTS):
         now = ctx.clock.now_us()
         params: dict[str, Any] = {
@@ -505,9 +506,26 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
             yield from normalize(ctx, subject, feature)
             continue
         if not row["ok"]:
+            if _look_again(ctx, key, looked):
+                looked = True
+                continue
             return _consume_denied(subject, feature, key, _denial(row), row["available"])
         # ok, but the key was taken by a request that committed after our snapshot: look again.
     raise LedgerUnavailable("could not settle the operation after repeated contention")
+
+
+def _look_again(ctx: Context, key: str | None, looked: bool) -> bool:
+    """Whether a keyed denial must be re-decided before it is returned (PostgreSQL only).
+
+    The one-statement operation locks the account row ``FOR UPDATE`` and so decides on its
+    newest values, but reads the prior operation under the same key from the statement's
+    snapshot, taken *before* it waited for that lock. A request with the same key that
+    committed in between has spent the units yet is invisible to the key lookup: without a
+    second look, its twin would be denied for lack of units instead of replayed (or told the
+    key is in flight). The second statement's snapshot sees every commit that preceded the
+    first one's decision. SQLite decides under ``BEGIN IMMEDIATE`` and needs no second look.
+    """
+    return key is not None and ctx.stmts.single_statement and not looked
 
 
 def _consume_denied(
@@ -546,6 +564,7 @@ def reserve(
     ctx: Context, subject: str, feature: str, units: int, key: str | None, ttl_us: int
 ) -> Op:
     _require_metered(ctx, feature)
+    looked = False
     for _ in range(_ATTEMPTS):
         now = ctx.clock.now_us()
         params: dict[str, Any] = {
@@ -597,6 +616,9 @@ def reserve(
             yield from normalize(ctx, subject, feature)
             continue
         if not row["ok"]:
+            if _look_again(ctx, key, looked):
+                looked = True
+                continue
             return _reservation_denied(subject, feature, units, key, _denial(row), row["available"])
     raise LedgerUnavailable("could not settle the operation after repeated contention")
 
@@ -870,8 +892,11 @@ def assign_plan_in_tx(
     rows = yield stmts.subject_get, {"subject": subject}
     old = _subject_from(rows[0]) if rows else None
     if period_start is not None:
-        anchor, start = period_start, period_start
+        start = period_start
         end = period_end if period_end is not None else _month_end(start, plan.interval_months)
+        # If no renewal arrives, later periods follow on from this one: on the grid of its
+        # start when it is a whole interval, else from its end (a trial), never overlapping it.
+        anchor = start if end == _month_end(start, plan.interval_months) else end
     elif old is not None and old.plan == plan.name:
         rolled = old.rolled(now)
         anchor, start, end = old.period_anchor, rolled.period_start, rolled.period_end

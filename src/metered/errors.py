@@ -31,8 +31,9 @@ class InvalidFeature(InvalidInput):
     """Feature names are non-empty strings of at most 100 characters."""
 
 
-class ConfigurationError(MeteredError):
-    """Plans, URLs or options do not make sense together."""
+class ConfigurationError(MeteredError, ValueError):
+    """Plans, URLs or options do not make sense together (also a ``ValueError``, like the
+    pydantic ``ValidationError`` it wraps for plans that do not validate)."""
 
 
 class UnknownPlan(MeteredError, LookupError):

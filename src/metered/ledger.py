@@ -42,7 +42,12 @@ PlansArg = Sequence[Plan] | Catalog | str | Path
 
 
 class _LedgerBase:
-    """Configuration and input validation shared by the sync and async ledgers."""
+    """Configuration and input validation shared by the sync and async ledgers.
+
+    ``timeout`` bounds how long an operation waits for a database connection (and, on
+    SQLite, for the write lock) before raising :class:`LedgerUnavailable`; keep it short on
+    request paths so a database outage turns into fast 503s, not hung workers.
+    """
 
     _asynchronous = False
 
@@ -56,7 +61,7 @@ class _LedgerBase:
         past_due_grace: timedelta = timedelta(days=3),
         reservation_ttl: timedelta | float = timedelta(minutes=5),
         pool_size: int = 10,
-        timeout: float = 30.0,
+        timeout: float = 5.0,
     ) -> None:
         if isinstance(plans, (str, Path)):
             catalog = Catalog.load(plans)

@@ -41,6 +41,12 @@ class Feature(BaseModel):
     meter: str | None = Field(default=None, min_length=1, max_length=100)
     """Stripe Billing Meter ``event_name``: committed usage is queued for export to it."""
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigurationError(str(exc)) from exc
+
     @property
     def metered(self) -> bool:
         return self.units is not None
@@ -76,7 +82,10 @@ class Plan(BaseModel):
     def __init__(self, name: str | None = None, /, **data: Any) -> None:
         if name is not None:
             data["name"] = name
-        super().__init__(**data)
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigurationError(str(exc)) from exc
 
     @field_validator("features", mode="before")
     @classmethod
@@ -165,12 +174,12 @@ class Catalog:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "plans") -> Catalog:
-        plans_data = data.get("plans")
+        plans_data = data.get("plans") if isinstance(data, Mapping) else None
         if not isinstance(plans_data, Mapping):
             raise ConfigurationError(f"{source}: expected a 'plans' table keyed by plan name")
         try:
             plans = [Plan(name, **dict(spec)) for name, spec in plans_data.items()]
-        except (ValidationError, TypeError) as exc:
+        except (TypeError, ValueError) as exc:  # ConfigurationError is a ValueError too
             raise ConfigurationError(f"{source}: {exc}") from exc
         return cls(plans, data.get("default_plan"))
 
