@@ -47,5 +47,12 @@ def test_fixtures_work_in_a_users_suite(pytester: pytest.Pytester) -> None:
             assert v1 == expected
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider", "-o", "asyncio_mode=auto")
+    result = pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "asyncio_mode=auto",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+    )
     result.assert_outcomes(passed=5)

@@ -74,6 +74,12 @@ STATUSES = frozenset(
     }
 )
 _ATTEMPTS = 5
+"""Tries of one unit operation. A retry after normalisation decides at the operation's own
+instant, taken once before its first try: normalisation leaves the account fresh until
+after its own (later) clock reading, so the retry cannot find it due for a recheck again.
+Re-reading the clock per try let holds that expired in between (abandoned reservations
+expire all the time when workers die) send every try back to normalisation, until the
+operation gave up with LedgerUnavailable."""
 
 
 class _Ids:
@@ -261,6 +267,13 @@ def _normalize_account(
         and account["period_end"] <= period_start
     ):
         rollover_units = max(account["allowance"] - account["used"], 0)
+        if subject is not None and account["period_end"] < period_start:
+            # The period just before this one went untouched: all of its allowance is unused.
+            prev_start, prev_end = period_containing(
+                subject.period_anchor, subject.interval_months, period_start - 1
+            )
+            if prev_end == period_start and prev_start >= account["period_end"]:
+                rollover_units = allowance
         if rollover_units:
             credit_total += rollover_units
             next_expiry = min(next_expiry, period_end)
@@ -438,6 +451,10 @@ def _denial(row: dict[str, Any]) -> Reason:
 
 def _check_prior(row: dict[str, Any], feature: str, units: int, now: int) -> str:
     """What an existing operation under the same key means: 'replay', 'expired' or raise."""
+    if row["p_state"] == "held" and row["p_expires_at"] is not None and row["p_expires_at"] <= now:
+        # An expired reservation has given its key back, whether or not normalisation has
+        # run yet: the key is free for any new operation, so nothing can mismatch it.
+        return "expired"
     if (
         row["p_kind"] not in ("consume", "reserve")
         or row["p_feature"] != feature
@@ -457,8 +474,8 @@ def _check_prior(row: dict[str, Any], feature: str, units: int, now: int) -> str
 def consume(ctx: Context, subject: str, feature: str, units: int, key: str | None) -> Op:
     _require_metered(ctx, feature)
     looked = False
+    now = ctx.clock.now_us()  # one instant per operation, kept across retries (_ATTEMPTS)
     for _ in range(_ATTEMPTS):
-        now = ctx.clock.now_us()
         params: dict[str, Any] = {
             "subject": subject,
             "feature": feature,
@@ -470,6 +487,7 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
         }
         row = yield from _unit_statement(ctx, "consume", params)
         if row is None:
+            yield from _precheck_key(ctx, subject, feature, units, key, now)
             if (yield from _ensure_account(ctx, subject, feature)):
                 continue
             return _consume_denied(subject, feature, key, "no_entitlement", 0)
@@ -500,7 +518,7 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
                     entry_id=row["p_id"],
                     overage=row["p_overage"] or 0,
                 )
-            yield from normalize(ctx, subject, feature)
+            yield from normalize(ctx, subject, row["p_feature"])  # expires the prior hold
             continue
         if not row["fresh"]:
             yield from normalize(ctx, subject, feature)
@@ -555,6 +573,19 @@ def _ensure_account(ctx: Context, subject: str, feature: str) -> Op:
     return True
 
 
+def _precheck_key(
+    ctx: Context, subject: str, feature: str, units: int, key: str | None, now: int
+) -> Op:
+    """Raise for a misused key *before* creating a missing account: bad calls write nothing."""
+    if key is None:
+        return
+    rows = yield ctx.stmts.operation_by_key, {"subject": subject, "key": key}
+    if rows:
+        prior = dict(zip(OPERATION_COLUMNS, rows[0]))
+        names = ("kind", "feature", "units", "state", "expires_at")
+        _check_prior({f"p_{name}": prior[name] for name in names}, feature, units, now)
+
+
 def _require_metered(ctx: Context, feature: str) -> None:
     if not ctx.catalog.feature_is_metered(feature):
         raise NotMeteredFeature(f"feature {feature!r} is boolean; it has no units to spend")
@@ -565,8 +596,8 @@ def reserve(
 ) -> Op:
     _require_metered(ctx, feature)
     looked = False
+    now = ctx.clock.now_us()  # one instant per operation, kept across retries (_ATTEMPTS)
     for _ in range(_ATTEMPTS):
-        now = ctx.clock.now_us()
         params: dict[str, Any] = {
             "subject": subject,
             "feature": feature,
@@ -578,6 +609,7 @@ def reserve(
         }
         row = yield from _unit_statement(ctx, "reserve", params)
         if row is None:
+            yield from _precheck_key(ctx, subject, feature, units, key, now)
             if (yield from _ensure_account(ctx, subject, feature)):
                 continue
             return _reservation_denied(subject, feature, units, key, "no_entitlement", 0)
@@ -610,7 +642,7 @@ def reserve(
                     replayed=True,
                     consumed=row["p_charged"] or 0,
                 )
-            yield from normalize(ctx, subject, feature)
+            yield from normalize(ctx, subject, row["p_feature"])  # expires the prior hold
             continue
         if not row["fresh"]:
             yield from normalize(ctx, subject, feature)
@@ -675,8 +707,8 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
     target = _settle_target(reservation)
     final = reservation.units if units is None else units
     subject, feature = reservation.subject, reservation.feature
+    now = ctx.clock.now_us()  # one instant per operation, kept across retries (_ATTEMPTS)
     for _ in range(_ATTEMPTS):
-        now = ctx.clock.now_us()
         params: dict[str, Any] = {
             "subject": subject,
             "feature": feature,

@@ -158,6 +158,17 @@ _SQLITE_UNAVAILABLE = re.compile(
 )
 
 
+_TURNS: dict[str, threading.Lock] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def _turn_for(path: str) -> threading.Lock:
+    """One lock per database file per process, shared by every ledger on that file."""
+    key = path if path == ":memory:" else os.path.realpath(path)
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(key, threading.Lock())
+
+
 class SQLiteExecutor(SyncExecutor):
     """One connection per thread (and per process after a fork); ``:memory:`` shares one."""
 
@@ -167,20 +178,27 @@ class SQLiteExecutor(SyncExecutor):
         self._memory = path == ":memory:"
         self._local = threading.local()
         self._shared: sqlite3.Connection | None = None
-        self._shared_lock = threading.Lock()
+        self._turn = _turn_for(path)
         self._all: list[sqlite3.Connection] = []
         self._pid = os.getpid()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._path, isolation_level=None, check_same_thread=False, timeout=self._timeout
-        )
-        if not self._memory:
-            conn.execute("PRAGMA journal_mode=WAL")
-        # WAL + synchronous=NORMAL: a commit survives a crash of the application; only an OS
-        # crash or power loss can lose the last transactions (SQLite's recommended WAL setting).
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+        try:
+            conn = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=self._timeout
+            )
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
+        try:
+            if not self._memory:
+                conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + synchronous=NORMAL: a commit survives a crash of the application; only an
+            # OS crash or power loss can lose the last transactions (SQLite's advice for WAL).
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _unavailable(exc) from exc
         self._all.append(conn)
         return conn
 
@@ -189,20 +207,25 @@ class SQLiteExecutor(SyncExecutor):
             if self._shared is None:
                 self._shared = self._connect()
             return self._shared
-        if os.getpid() != self._pid:  # forked: never share a parent's connection
-            self._local = threading.local()
-            self._all = []
-            self._pid = os.getpid()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
         return conn
 
     def run(self, op: Op) -> Any:
-        if self._memory:
-            with self._shared_lock:
-                return self._run(op, self.connection())
-        return self._run(op, self.connection())
+        # SQLite admits one writer at a time, and a writer that finds the database locked
+        # polls with sleeps of 1 to 100 ms. Threads of one process therefore take turns on a
+        # lock first, which wakes the next one the moment the last one is done; only writers
+        # in other processes ever meet SQLite's busy handler.
+        if os.getpid() != self._pid:  # forked: share neither connections nor locks
+            self._local, self._all, self._pid = threading.local(), [], os.getpid()
+            self._shared, self._turn = None, threading.Lock()
+        if not self._turn.acquire(timeout=self._timeout):
+            raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")
+        try:
+            return self._run(op, self.connection())
+        finally:
+            self._turn.release()
 
     @staticmethod
     def _run(op: Op, conn: sqlite3.Connection) -> Any:
@@ -234,7 +257,7 @@ class SQLiteExecutor(SyncExecutor):
 class SQLiteAsyncExecutor(AsyncExecutor):
     """Runs each whole SQLite operation on a worker thread, off the event loop."""
 
-    def __init__(self, path: str, *, threads: int = 4) -> None:
+    def __init__(self, path: str, *, threads: int = 1) -> None:
         self._sync = SQLiteExecutor(path)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metered-sqlite")
 

@@ -174,6 +174,9 @@ class _LedgerBase:
             raise InvalidInput(f"unknown subscription status {status!r}")
         if period_end is not None and period_start is None:
             raise InvalidInput("period_end needs period_start")
+        for when in (period_start, period_end):
+            if when is not None and not isinstance(when, datetime):
+                raise InvalidInput(f"billing periods are datetimes, got {type(when).__name__}")
         start = to_us(period_start) if period_start is not None else None
         end = to_us(period_end) if period_end is not None else None
         if start is not None and end is not None and end <= start:
@@ -195,6 +198,10 @@ class _LedgerBase:
         self, subject: str, feature: str | None, limit: int, before: int | None
     ) -> _core.Op:
         limit = check_input.units(limit, name="limit")
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or not 0 < before < 2**63
+        ):
+            raise InvalidInput(f"before must be a history entry id, got {before!r}")
         return _core.history(
             self._ctx,
             check_input.subject(subject),
