@@ -20,6 +20,7 @@ from typing import Any
 
 from metered.errors import (
     IdempotencyKeyMismatch,
+    InvalidKey,
     LedgerUnavailable,
     MeteredError,
     OperationInProgress,
@@ -102,6 +103,10 @@ class IdempotencyKeyReused(Denial):
     status, slug, title = 422, "idempotency-key-reused", "Idempotency key reused"
 
 
+class InvalidIdempotencyKey(Denial):
+    status, slug, title = 400, "invalid-idempotency-key", "Invalid idempotency key"
+
+
 class ServiceUnavailable(Denial):
     status, slug, title = 503, "ledger-unavailable", "Metering temporarily unavailable"
 
@@ -114,6 +119,7 @@ DENIALS: tuple[type[Denial], ...] = (
     InsufficientUnits,
     RequestInProgress,
     IdempotencyKeyReused,
+    InvalidIdempotencyKey,
     ServiceUnavailable,
 )
 
@@ -185,7 +191,12 @@ class Ticket:
         self.final_units = check_units(units, allow_zero=True)
 
     def remaining_header_value(self) -> str | None:
-        return None if self.usage_remaining is None else str(self.usage_remaining)
+        if self.usage_remaining is None:
+            return None
+        remaining = self.usage_remaining
+        if self.final_units is not None and not self.replayed:
+            remaining = max(0, remaining + self.units - self.final_units)  # what settle() returns
+        return str(remaining)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +279,8 @@ def admit_units(
         ) from exc
     except IdempotencyKeyMismatch as exc:
         raise _deny(IdempotencyKeyReused(str(exc), key=key), subject) from exc
+    except InvalidKey as exc:
+        raise _deny(InvalidIdempotencyKey(str(exc)), subject) from exc
     if not reservation.ok:
         raise _deny(
             denial_for(
