@@ -15,7 +15,8 @@ def test_fixtures_work_in_a_users_suite(pytester: pytest.Pytester) -> None:
 
         @pytest.fixture
         def metered_plans():
-            return [Plan("free", features={"api_calls": 3}), Plan("pro", features={"api_calls": 10})]
+            free = Plan("free", features={"api_calls": 3})
+            return [free, Plan("pro", features={"api_calls": 10})]
         """
     )
     pytester.makepyfile(
@@ -23,7 +24,8 @@ def test_fixtures_work_in_a_users_suite(pytester: pytest.Pytester) -> None:
         import hashlib, hmac, json
 
         def test_ledger_and_clock(metered_ledger, metered_clock):
-            assert [metered_ledger.consume("u", 1).ok for _ in range(4)] == [True, True, True, False]
+            results = [metered_ledger.consume("u", 1).ok for _ in range(4)]
+            assert results == [True, True, True, False]
             metered_clock.advance(days=32)
             assert metered_ledger.consume("u", 1).usage_remaining == 2
 

@@ -16,13 +16,13 @@ without any background job.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from metered import _fork
 from metered._sql import (
     ACCOUNT_COLUMNS,
     DECISION_VALUES,
@@ -93,13 +93,13 @@ class _Ids:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._generation = _fork.generation
         self._last = 0
         self._counter = itertools.count(secrets.randbits(21))
 
     def next(self, now_us: int) -> int:
         with self._lock:
-            if os.getpid() != self._pid:  # forked: do not replay the parent's sequence
+            if _fork.generation != self._generation:  # forked: don't replay the parent's ids
                 self.__init__()  # type: ignore[misc]
             candidate = ((now_us // 1000) << 22) | (next(self._counter) & 0x3FFFFF)
             self._last = max(self._last + 1, candidate)
@@ -281,6 +281,7 @@ def _normalize_account(
     return _Normalized(
         account={
             "plan": subject.plan if subject else "",
+            "status": subject.status if subject else "none",
             "entitled": entitled,
             "overage_allowed": bool(spec.overage) if spec is not None and entitled else False,
             "allowance": allowance,
@@ -492,7 +493,7 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
                 continue
             return _consume_denied(subject, feature, key, "no_entitlement", 0)
         if row["applied"]:
-            return ConsumeResult.model_construct(
+            return ConsumeResult._make(
                 ok=True,
                 consumed=units,
                 usage_remaining=_remaining_after(row, units),
@@ -506,7 +507,7 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
             )
         if row["p_id"] is not None:
             if _check_prior(row, feature, units, now) == "replay":
-                return ConsumeResult.model_construct(
+                return ConsumeResult._make(
                     ok=True,
                     consumed=row["p_charged"] or 0,
                     usage_remaining=row["p_remaining"] or 0,
@@ -549,7 +550,7 @@ def _look_again(ctx: Context, key: str | None, looked: bool) -> bool:
 def _consume_denied(
     subject: str, feature: str, key: str | None, reason: Reason, available: int
 ) -> ConsumeResult:
-    return ConsumeResult.model_construct(
+    return ConsumeResult._make(
         ok=False,
         consumed=0,
         usage_remaining=max(available, 0),
@@ -614,7 +615,7 @@ def reserve(
                 continue
             return _reservation_denied(subject, feature, units, key, "no_entitlement", 0)
         if row["applied"]:
-            return Reservation.model_construct(
+            return Reservation._make(
                 ok=True,
                 id=params["id"],
                 subject=subject,
@@ -629,7 +630,7 @@ def reserve(
             )
         if row["p_id"] is not None:
             if _check_prior(row, feature, units, now) == "replay":
-                return Reservation.model_construct(
+                return Reservation._make(
                     ok=True,
                     id=row["p_id"],
                     subject=subject,
@@ -658,7 +659,7 @@ def reserve(
 def _reservation_denied(
     subject: str, feature: str, units: int, key: str | None, reason: Reason, available: int
 ) -> Reservation:
-    return Reservation.model_construct(
+    return Reservation._make(
         ok=False,
         id=None,
         subject=subject,
@@ -692,7 +693,7 @@ def _settled_error(row: dict[str, Any], now: int) -> ReservationError:
 
 def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
     if isinstance(reservation, Reservation) and reservation.replayed:
-        return ConsumeResult.model_construct(
+        return ConsumeResult._make(
             ok=True,
             consumed=reservation.consumed,
             usage_remaining=reservation.usage_remaining,
@@ -722,7 +723,7 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
         if row is None:
             raise ReservationNotFound("no such reservation for this subject")
         if row["applied"]:
-            return ConsumeResult.model_construct(
+            return ConsumeResult._make(
                 ok=True,
                 consumed=final,
                 usage_remaining=_remaining_after(row, final),
@@ -739,7 +740,7 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
         if not row["fresh"]:
             yield from normalize(ctx, subject, feature)
             continue
-        return ConsumeResult.model_construct(
+        return ConsumeResult._make(
             ok=False,
             consumed=0,
             usage_remaining=max(row["available"], 0),
@@ -881,7 +882,7 @@ def _grant_result(
     entry_id: int,
     replayed: bool,
 ) -> GrantResult:
-    return GrantResult.model_construct(
+    return GrantResult._make(
         subject=subject,
         feature=feature,
         units=units,
@@ -954,7 +955,7 @@ def assign_plan_in_tx(
 
 
 def _subscription(subject: str, state: SubjectState, ctx: Context, now: int) -> Subscription:
-    return Subscription.model_construct(
+    return Subscription._make(
         subject=subject,
         plan=state.plan,
         status=state.status,
@@ -995,16 +996,59 @@ def _read_state(ctx: Context, subject: str, feature: str, metered: bool) -> Op:
 
 def check(ctx: Context, subject: str, feature: str) -> Op:
     metered = ctx.catalog.feature_is_metered(feature)
+    if metered:
+        # The common case is one single-table read: a fresh account row has everything.
+        now = ctx.clock.now_us()
+        rows = yield ctx.stmts.account_read, {"subject": subject, "feature": feature}
+        if rows and rows[0][_RECHECK_AT] > now:
+            account = dict(zip(ACCOUNT_COLUMNS, rows[0]))
+            return _check_result(
+                ctx,
+                subject,
+                feature,
+                account["plan"],
+                account["status"],
+                account["access_until"],
+                account,
+                account["period_end"],
+                now,
+            )
     state, account, now = yield from _read_state(ctx, subject, feature, metered)
-    plan = ctx.catalog.plans.get(state.plan) if state else None
+    return _check_result(
+        ctx,
+        subject,
+        feature,
+        state.plan if state else "",
+        state.status if state else "none",
+        access_until(ctx, state),
+        account,
+        state.period_end if state else None,
+        now,
+    )
+
+
+_RECHECK_AT = ACCOUNT_COLUMNS.index("recheck_at")
+
+
+def _check_result(
+    ctx: Context,
+    subject: str,
+    feature: str,
+    plan_name: str,
+    status: str,
+    until: int | None,
+    account: dict[str, Any] | None,
+    period_end: int | None,
+    now: int,
+) -> CheckResult:
+    plan = ctx.catalog.plans.get(plan_name)
     spec = plan.features.get(feature) if plan else None
-    has_access = _has_access(access_until(ctx, state), now)
     reason: Reason | None = None
     remaining = limit = None
     overage_allowed = False
     if spec is None:
         reason = "no_entitlement"
-    elif not has_access:
+    elif not _has_access(until, now):
         reason = "subscription_inactive"
     if account is not None:
         remaining = _account_remaining(account)
@@ -1012,18 +1056,18 @@ def check(ctx: Context, subject: str, feature: str) -> Op:
         overage_allowed = bool(account["overage_allowed"])
         if reason is None and remaining <= 0 and not overage_allowed:
             reason = "quota_exhausted"
-    return CheckResult.model_construct(
+    return CheckResult._make(
         allowed=reason is None,
         reason=reason,
         subject=subject,
         feature=feature,
-        plan=state.plan if state else "",
-        status=state.status if state else "none",
-        metered=metered,
+        plan=plan_name,
+        status=status,
+        metered=spec.metered if spec is not None else ctx.catalog.metered[feature],
         usage_remaining=remaining,
         limit=limit,
         overage_allowed=overage_allowed,
-        period_end=from_us(state.period_end) if state else None,
+        period_end=from_us(period_end) if period_end is not None else None,
     )
 
 
@@ -1036,7 +1080,7 @@ def balance(ctx: Context, subject: str, feature: str) -> Op:
     _require_metered(ctx, feature)
     state, account, _ = yield from _read_state(ctx, subject, feature, True)
     account = account or _normalize_account(ctx, feature, state, None, [], [], 0).account
-    return Balance.model_construct(
+    return Balance._make(
         subject=subject,
         feature=feature,
         plan=state.plan if state else "",
@@ -1064,7 +1108,7 @@ def history(ctx: Context, subject: str, feature: str | None, limit: int, before:
     for row in rows:
         data = dict(zip(OPERATION_COLUMNS, row))
         entries.append(
-            HistoryEntry.model_construct(
+            HistoryEntry._make(
                 id=data["id"],
                 subject=data["subject"],
                 feature=data["feature"],

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from metered import _fork
 from metered._core import Op, Rows
 from metered._sql import ParamStyle, Statements, Stmt
 from metered.errors import ConfigurationError, LedgerUnavailable
@@ -180,7 +181,7 @@ class SQLiteExecutor(SyncExecutor):
         self._shared: sqlite3.Connection | None = None
         self._turn = _turn_for(path)
         self._all: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
+        self._generation = _fork.generation
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -217,8 +218,8 @@ class SQLiteExecutor(SyncExecutor):
         # polls with sleeps of 1 to 100 ms. Threads of one process therefore take turns on a
         # lock first, which wakes the next one the moment the last one is done; only writers
         # in other processes ever meet SQLite's busy handler.
-        if os.getpid() != self._pid:  # forked: share neither connections nor locks
-            self._local, self._all, self._pid = threading.local(), [], os.getpid()
+        if _fork.generation != self._generation:  # forked: share neither connections nor locks
+            self._local, self._all, self._generation = threading.local(), [], _fork.generation
             self._shared, self._turn = None, threading.Lock()
         if not self._turn.acquire(timeout=self._timeout):
             raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")

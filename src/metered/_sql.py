@@ -212,6 +212,7 @@ _SUBJECT_COLUMNS = (
 )
 ACCOUNT_COLUMNS = (
     "plan",
+    "status",
     "entitled",
     "overage_allowed",
     "allowance",
@@ -332,6 +333,10 @@ class Statements:
         self.account_get = r(
             f"SELECT {account_cols} FROM metered_accounts"
             " WHERE subject = :subject AND feature = :feature{lock}"
+        )
+        self.account_read = r(
+            f"SELECT {account_cols} FROM metered_accounts"
+            " WHERE subject = :subject AND feature = :feature"
         )
         self.account_upsert = r(
             f"INSERT INTO metered_accounts (subject, feature, {account_cols}, updated_at)"

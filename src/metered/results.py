@@ -1,15 +1,20 @@
 """Result objects returned by the ledger (immutable pydantic models).
 
-The ledger builds them with ``model_construct`` from values it produced itself, so reading a
-result costs no validation on the hot path; they still serialise with ``model_dump()``.
+The ledger builds them with :meth:`_Result._make` from values it produced itself: no
+validation on the hot path (a result costs about 1 us instead of 5-7 us through
+``model_construct``), and they are still ordinary pydantic models (``model_dump``,
+``model_copy``, JSON schema).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
+
+_R = TypeVar("_R", bound="_Result")
+_set = object.__setattr__
 
 Reason = Literal[
     "no_entitlement",
@@ -23,6 +28,35 @@ Reason = Literal[
 
 class _Result(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def _make(cls: type[_R], **values: Any) -> _R:
+        """Build from trusted values, skipping validation (what ``model_construct`` does,
+        without its per-call bookkeeping). Missing fields take their defaults."""
+        if _FAST_CONSTRUCT:
+            shape = _SHAPES.get(cls) or _shape(cls)
+            for name, default in shape[1]:
+                if name not in values:
+                    values[name] = default
+            obj: _R = cls.__new__(cls)
+            _set(obj, "__dict__", values)
+            _set(obj, "__pydantic_fields_set__", shape[0])
+            _set(obj, "__pydantic_extra__", None)
+            _set(obj, "__pydantic_private__", None)
+            return obj
+        return cast(_R, cls.model_construct(**values))
+
+
+_SHAPES: dict[type[_Result], tuple[set[str], tuple[tuple[str, Any], ...]]] = {}
+_FAST_CONSTRUCT = True
+
+
+def _shape(cls: type[_Result]) -> tuple[set[str], tuple[tuple[str, Any], ...]]:
+    defaults = tuple(
+        (name, field.default) for name, field in cls.model_fields.items() if not field.is_required()
+    )
+    _SHAPES[cls] = shape = (set(cls.model_fields), defaults)
+    return shape
 
 
 class CheckResult(_Result):
@@ -143,3 +177,29 @@ class Subscription(_Result):
     period_start: datetime
     period_end: datetime
     cancel_at_period_end: bool = False
+
+
+def _fast_construct_works() -> bool:
+    """Guard against pydantic changing its instance layout: compare with a validated model."""
+    values = {
+        "subject": "s",
+        "feature": "f",
+        "plan": "p",
+        "status": "active",
+        "allowance": 1,
+        "used": 0,
+        "credits": 0,
+        "held": 0,
+        "overage": 0,
+        "usage_remaining": 1,
+        "period_start": None,
+        "period_end": None,
+    }
+    try:
+        made = Balance._make(**values)
+        return made == Balance(**values) and made.model_dump() == values
+    except Exception:  # pragma: no cover - only on an incompatible pydantic
+        return False
+
+
+_FAST_CONSTRUCT = _fast_construct_works()

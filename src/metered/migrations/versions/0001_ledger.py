@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("subject", sa.String(255), primary_key=True),
         sa.Column("feature", sa.String(100), primary_key=True),
         sa.Column("plan", sa.String(100), nullable=False),
+        sa.Column("status", sa.String(32), nullable=False),
         sa.Column("entitled", sa.Boolean(), nullable=False),
         sa.Column("overage_allowed", sa.Boolean(), nullable=False),
         *_bigints("allowance", "used", "credit", "held", "overage", "period_start", "period_end"),
