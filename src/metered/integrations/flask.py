@@ -140,6 +140,7 @@ __all__ = [
     "current_ticket",
     "requires_entitlement",
     "settle",
+    "stripe_webhook_blueprint",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -649,3 +650,17 @@ def settle(units: int, *, feature: str | None = None) -> None:
     if ticket is None:
         raise MeteredError("settle() needs a request metered by @consumes or the middleware")
     ticket.settle(units)
+
+
+if TYPE_CHECKING:
+    from metered.integrations._stripe_flask import stripe_webhook_blueprint
+
+
+def __getattr__(attr: str) -> Any:
+    # The Stripe webhook endpoint needs the ``stripe`` extra; import it only when asked for,
+    # so the adapter works without it.
+    if attr == "stripe_webhook_blueprint":
+        from metered.integrations._stripe_flask import stripe_webhook_blueprint
+
+        return stripe_webhook_blueprint
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -40,7 +40,7 @@ import functools
 import inspect
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio.from_thread
 from starlette.requests import Request
@@ -102,6 +102,7 @@ __all__ = [
     "problem_response",
     "requires_entitlement",
     "settle",
+    "stripe_webhook_route",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -234,3 +235,17 @@ def _request_parameter(func: Callable[..., Any]) -> tuple[str, bool, inspect.Sig
         position -= 1
     params.insert(position, added)
     return INJECTED_REQUEST, True, signature.replace(parameters=params)
+
+
+if TYPE_CHECKING:
+    from metered.integrations._stripe_starlette import stripe_webhook_route
+
+
+def __getattr__(attr: str) -> Any:
+    # The Stripe webhook endpoint needs the ``stripe`` extra; import it only when asked for,
+    # so the adapter works without it.
+    if attr == "stripe_webhook_route":
+        from metered.integrations._stripe_starlette import stripe_webhook_route
+
+        return stripe_webhook_route
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
