@@ -101,8 +101,8 @@ class _LedgerBase:
 
     # Each _op_* validates its arguments and returns the core operation, ready to drive.
 
-    def _op_check(self, subject: str, feature: str) -> _core.Op:
-        return _core.check(self._ctx, check_input.subject(subject), check_input.feature(feature))
+    def _op_check(self, subject: str, feature: str | None) -> _core.Op:
+        return _core.check(self._ctx, check_input.subject(subject), self._feature(feature))
 
     def _op_consume(
         self, subject: str, units: int, feature: str | None, key: str | None
@@ -231,7 +231,7 @@ class Ledger(_LedgerBase):
         """Create or upgrade the ledger's tables (idempotent; safe from many workers at once)."""
         migrate.upgrade(self.target.sqlalchemy_url)
 
-    def check(self, subject: str, feature: str) -> CheckResult:
+    def check(self, subject: str, feature: str | None = None) -> CheckResult:
         """May ``subject`` use ``feature`` now, and how much is left? One read; never writes."""
         return self._executor.run(self._op_check(subject, feature))  # type: ignore[no-any-return]
 
@@ -339,7 +339,7 @@ class AsyncLedger(_LedgerBase):
         """Create or upgrade the ledger's tables (runs the migrations on a worker thread)."""
         await asyncio.to_thread(migrate.upgrade, self.target.sqlalchemy_url)
 
-    async def check(self, subject: str, feature: str) -> CheckResult:
+    async def check(self, subject: str, feature: str | None = None) -> CheckResult:
         """See :meth:`Ledger.check`."""
         return await self._executor.run(self._op_check(subject, feature))  # type: ignore[no-any-return]
 

@@ -14,7 +14,7 @@ Starlette, FastAPI) only translate between their framework and these steps; the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,18 +147,56 @@ def denial_for(reason: str | None, feature: str, **fields: Any) -> Denial:
 # --------------------------------------------------------------------------- settings
 
 
+FeatureSwitch = bool | Collection[str] | Mapping[str, bool]
+"""On or off for every feature (``bool``), on for the named features (a collection), or per
+feature with ``"*"`` as the fallback (a mapping)."""
+
+EventHook = Callable[[str, dict[str, Any]], None]
+"""Called with every event name (``metered.committed`` ...) and its fields, e.g. for metrics."""
+
+
+def _switch(value: FeatureSwitch, feature: str | None) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        return bool(value.get(feature or "", value.get("*", False)))
+    return (feature or "") in value
+
+
 @dataclass(frozen=True)
 class Policy:
     """App-wide settings of an adapter (Flask ``METERED_*`` keys map onto these)."""
 
-    fail_open: bool = False
-    """When the ledger is unreachable: False answers 503, True lets the request through
-    uncharged (and logs ``metered.fail_open``)."""
+    fail_open: FeatureSwitch = False
+    """When the ledger is unreachable: closed answers 503, open lets the request through
+    uncharged (and emits ``metered.fail_open``). Per feature with a mapping or collection."""
     commit_on: Callable[[int], bool] = default_commit_on
     remaining_header: str | None = DEFAULT_REMAINING_HEADER
     idempotency_header: str = DEFAULT_IDEMPOTENCY_HEADER
     reservation_ttl: float | None = None
     """Seconds a reservation lives if the worker dies; None uses the ledger's default."""
+    shadow: FeatureSwitch = False
+    """Shadow mode: decisions are computed with a read-only check and emitted as
+    ``metered.shadow_denied``, but never enforced, and nothing is reserved or charged. This
+    is how to switch limits on for an existing API safely."""
+    on_event: EventHook | None = None
+    """Receives every event the policy logs (name and fields); exceptions in it are logged
+    and swallowed, never breaking a request."""
+
+    def fails_open(self, feature: str | None) -> bool:
+        return _switch(self.fail_open, feature)
+
+    def shadows(self, feature: str | None) -> bool:
+        return _switch(self.shadow, feature)
+
+    def emit(self, level: int, event: str, **fields: Any) -> None:
+        """Log ``event`` with its fields (``extra={"metered": fields}``) and call the hook."""
+        logger.log(level, event, extra={"metered": fields})
+        if self.on_event is not None:
+            try:
+                self.on_event(event, fields)
+            except Exception:
+                logger.exception("metered.hook_failed", extra={"metered": {"event": event}})
 
 
 @dataclass
@@ -174,6 +212,7 @@ class Ticket:
     usage_remaining: int | None = None
     final_units: int | None = None
     finished: bool = field(default=False, repr=False)
+    policy: Policy | None = field(default=None, repr=False)
 
     @property
     def replayed(self) -> bool:
@@ -215,38 +254,90 @@ Step = Generator[Call, Any, Any]
 
 
 def _unavailable(policy: Policy, exc: LedgerUnavailable, **context: Any) -> None:
-    """Raise 503, or log and return when the policy fails open."""
-    if policy.fail_open:
-        logger.warning("metered.fail_open", extra={"metered": {**context, "error": str(exc)}})
+    """Raise 503, or emit ``metered.fail_open`` and return when the feature fails open."""
+    if policy.fails_open(context.get("feature")):
+        policy.emit(logging.WARNING, "metered.fail_open", **context, error=str(exc))
         return
-    logger.error("metered.unavailable", extra={"metered": {**context, "error": str(exc)}})
+    policy.emit(logging.ERROR, "metered.unavailable", **context, error=str(exc))
     raise ServiceUnavailable("The usage ledger is unreachable; try again shortly.") from exc
 
 
-def _deny(denial: Denial, subject: str | None) -> Denial:
-    logger.info(
-        "metered.denied",
-        extra={"metered": {"subject": subject, "status": denial.status, **denial.fields}},
+def _deny(policy: Policy, denial: Denial, subject: str | None) -> Denial:
+    policy.emit(
+        logging.INFO, "metered.denied", subject=subject, status=denial.status, **denial.fields
     )
     return denial
 
 
-def require_subject(subject: str | None) -> str:
+def require_subject(subject: str | None, policy: Policy | None = None) -> str:
     if subject is None or subject == "":
-        raise _deny(SubjectRequired("This endpoint needs an identified subject."), None)
+        raise _deny(
+            policy or Policy(), SubjectRequired("This endpoint needs an identified subject."), None
+        )
     return subject
+
+
+def _shadow_decision(
+    policy: Policy, subject: str | None, feature: str | None, units: int | None
+) -> Step:
+    """Shadow mode: what would have been denied, emitted but not enforced. Never raises."""
+    if not subject:
+        policy.emit(
+            logging.INFO,
+            "metered.shadow_denied",
+            subject=None,
+            feature=feature,
+            status=SubjectRequired.status,
+            reason="subject_required",
+        )
+        return None
+    try:
+        result = yield Call("check", (subject, feature))
+    except MeteredError as exc:
+        policy.emit(
+            logging.WARNING,
+            "metered.shadow_unavailable",
+            subject=subject,
+            feature=feature,
+            error=str(exc),
+        )
+        return None
+    reason = result.reason
+    if (
+        reason is None
+        and units is not None
+        and result.usage_remaining is not None
+        and not result.overage_allowed
+        and result.usage_remaining < units
+    ):
+        reason = "insufficient_units"
+    if reason is not None:
+        denial = denial_for(reason, result.feature)
+        policy.emit(
+            logging.INFO,
+            "metered.shadow_denied",
+            subject=subject,
+            feature=result.feature,
+            status=denial.status,
+            reason=reason,
+            units_requested=units,
+            usage_remaining=result.usage_remaining,
+        )
+    return result
 
 
 def admit_entitlement(policy: Policy, subject: str | None, feature: str) -> Step:
     """Deny unless ``subject`` may use ``feature`` (401 no subject, 403 not entitled)."""
-    subject = require_subject(subject)
+    if policy.shadows(feature):
+        return (yield from _shadow_decision(policy, subject, feature, None))
+    subject = require_subject(subject, policy)
     try:
         result = yield Call("check", (subject, feature))
     except LedgerUnavailable as exc:
         _unavailable(policy, exc, subject=subject, feature=feature)
         return None
     if result.reason in ("no_entitlement", "subscription_inactive"):
-        raise _deny(denial_for(result.reason, feature), subject)
+        raise _deny(policy, denial_for(result.reason, feature), subject)
     return result
 
 
@@ -261,7 +352,14 @@ def admit_units(
     ttl: float | None = None,
 ) -> Step:
     """Reserve ``units`` for the request; 402 when the balance cannot cover them."""
-    subject = require_subject(subject)
+    commit_on = commit_on or policy.commit_on
+    if policy.shadows(feature):
+        result = yield from _shadow_decision(policy, subject, feature, units)
+        remaining = result.usage_remaining if result is not None else None
+        return Ticket(
+            subject or "", feature or "", units, None, commit_on, remaining, policy=policy
+        )
+    subject = require_subject(subject, policy)
     ttl = ttl if ttl is not None else policy.reservation_ttl
     try:
         reservation = yield Call(
@@ -269,20 +367,22 @@ def admit_units(
         )
     except LedgerUnavailable as exc:
         _unavailable(policy, exc, subject=subject, feature=feature, units=units)
-        return Ticket(subject, feature or "", units, None, commit_on or policy.commit_on)
+        return Ticket(subject, feature or "", units, None, commit_on, policy=policy)
     except OperationInProgress as exc:
         raise _deny(
+            policy,
             RequestInProgress(
                 "A request with this idempotency key is still being processed.", key=key
             ),
             subject,
         ) from exc
     except IdempotencyKeyMismatch as exc:
-        raise _deny(IdempotencyKeyReused(str(exc), key=key), subject) from exc
+        raise _deny(policy, IdempotencyKeyReused(str(exc), key=key), subject) from exc
     except InvalidKey as exc:
-        raise _deny(InvalidIdempotencyKey(str(exc)), subject) from exc
+        raise _deny(policy, InvalidIdempotencyKey(str(exc)), subject) from exc
     if not reservation.ok:
         raise _deny(
+            policy,
             denial_for(
                 reservation.reason,
                 reservation.feature,
@@ -296,8 +396,9 @@ def admit_units(
         reservation.feature,
         units,
         reservation,
-        commit_on or policy.commit_on,
+        commit_on,
         usage_remaining=reservation.usage_remaining,
+        policy=policy,
     )
 
 
@@ -310,23 +411,27 @@ def finish(ticket: Ticket, *, succeeded: bool) -> Step:
     if ticket.finished or ticket.reservation is None:
         return None
     ticket.finished = True
+    policy = ticket.policy or Policy()
     context = {"subject": ticket.subject, "feature": ticket.feature, "units": ticket.units}
     try:
         if succeeded:
             result = yield Call("commit", (ticket.reservation, ticket.final_units))
             if not result.ok:
-                logger.warning("metered.commit_refused", extra={"metered": context})
+                policy.emit(logging.WARNING, "metered.commit_refused", **context)
                 yield Call("release", (ticket.reservation,))
                 return None
-            logger.info(
+            policy.emit(
+                logging.INFO,
                 "metered.committed",
-                extra={"metered": {**context, "charged": result.consumed}},
+                **context,
+                charged=result.consumed,
+                replayed=result.replayed,
             )
             return result
         yield Call("release", (ticket.reservation,))
-        logger.info("metered.released", extra={"metered": context})
+        policy.emit(logging.INFO, "metered.released", **context)
     except (LedgerUnavailable, ReservationError) as exc:
-        logger.error("metered.settle_failed", extra={"metered": {**context, "error": str(exc)}})
+        policy.emit(logging.ERROR, "metered.settle_failed", **context, error=str(exc))
     return None
 
 

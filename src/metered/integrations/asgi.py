@@ -74,6 +74,8 @@ from metered.integrations._policy import (
     DEFAULT_REMAINING_HEADER,
     PROBLEM_CONTENT_TYPE,
     Denial,
+    EventHook,
+    FeatureSwitch,
     Policy,
     Ticket,
     admit_entitlement,
@@ -173,7 +175,12 @@ class Metered:
     :param subject: ``subject(request) -> str | None`` (plain or async); None answers 401.
     :param rules: route rules admitted by the middleware before the app runs.
     :param fail_open: when the ledger is unreachable, let requests through uncharged (logged as
-        ``metered.fail_open``) instead of answering 503.
+        ``metered.fail_open``) instead of answering 503; ``True``, or per feature (a collection
+        of names, or a mapping with ``"*"`` as the fallback).
+    :param shadow: shadow mode, for every feature or per feature like ``fail_open``: denials
+        are computed and emitted as ``metered.shadow_denied`` but not enforced; nothing is
+        charged.
+    :param on_event: ``on_event(name, fields)`` for every event (metrics hooks).
     :param commit_on: ``commit_on(status) -> bool``; default: status < 400.
     :param remaining_header: response header with the remaining balance (None: no header).
     :param idempotency_header: request header whose value is the default idempotency key.
@@ -187,11 +194,13 @@ class Metered:
         ledger: AsyncLedger,
         subject: SubjectFn | None = None,
         rules: Sequence[Rule] = (),
-        fail_open: bool = False,
+        fail_open: FeatureSwitch = False,
         commit_on: Callable[[int], bool] = default_commit_on,
         remaining_header: str | None = DEFAULT_REMAINING_HEADER,
         idempotency_header: str = DEFAULT_IDEMPOTENCY_HEADER,
         reservation_ttl: float | timedelta | None = None,
+        shadow: FeatureSwitch = False,
+        on_event: EventHook | None = None,
     ) -> None:
         if isinstance(ledger, Ledger) or not isinstance(ledger, AsyncLedger):
             raise ConfigurationError(
@@ -216,6 +225,8 @@ class Metered:
             remaining_header=remaining_header,
             idempotency_header=idempotency_header,
             reservation_ttl=reservation_ttl,
+            shadow=shadow,
+            on_event=on_event,
         )
         self._remaining_header = remaining_header.lower().encode() if remaining_header else None
         self._default_feature = _single_metered_feature(ledger)
@@ -481,11 +492,13 @@ class MeteredMiddleware:
         ledger: AsyncLedger | None = None,
         subject: SubjectFn | None = None,
         rules: Sequence[Rule] = (),
-        fail_open: bool = False,
+        fail_open: FeatureSwitch = False,
         commit_on: Callable[[int], bool] = default_commit_on,
         remaining_header: str | None = DEFAULT_REMAINING_HEADER,
         idempotency_header: str = DEFAULT_IDEMPOTENCY_HEADER,
         reservation_ttl: float | timedelta | None = None,
+        shadow: FeatureSwitch = False,
+        on_event: EventHook | None = None,
         metered: Metered | None = None,
     ) -> None:
         if metered is None:
@@ -500,6 +513,8 @@ class MeteredMiddleware:
                 remaining_header=remaining_header,
                 idempotency_header=idempotency_header,
                 reservation_ttl=reservation_ttl,
+                shadow=shadow,
+                on_event=on_event,
             )
         elif ledger is not None or subject is not None or rules:
             raise ConfigurationError("pass either metered= or the options, not both")

@@ -63,7 +63,11 @@ Configuration (``app.config``; arguments given to :class:`Metered` win):
 ``METERED_SUBJECT``             the subject callable, when not passed as ``subject=``
 ``METERED_FAIL_OPEN``           ``True``: let requests through uncharged when the ledger is
                                 unreachable (logged as ``metered.fail_open``); default
-                                ``False`` answers 503
+                                ``False`` answers 503; per feature: names or a mapping
+``METERED_SHADOW``              shadow mode: ``True``, or feature names (or a mapping with
+                                ``"*"``): denials are logged as ``metered.shadow_denied``,
+                                not enforced, and nothing is charged
+``METERED_ON_EVENT``            ``on_event(name, fields)`` called for every event (metrics)
 ``METERED_COMMIT_ON``           ``commit_on(status) -> bool``; default ``status < 400``
 ``METERED_REMAINING_HEADER``    balance header name, default ``"Metered-Remaining"``;
                                 ``None`` sends none
@@ -85,7 +89,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -101,6 +105,8 @@ from metered.integrations._policy import (
     DEFAULT_REMAINING_HEADER,
     PROBLEM_CONTENT_TYPE,
     Denial,
+    EventHook,
+    FeatureSwitch,
     Policy,
     Ticket,
     admit_entitlement,
@@ -286,6 +292,13 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def _as_switch(value: Any) -> FeatureSwitch:
+    """A ``METERED_*`` on/off setting: a bool (or its string form), names, or a mapping."""
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        return value
+    return _as_bool(value)
+
+
 def _as_seconds(value: Any) -> float | None:
     if value is None:
         return None
@@ -314,11 +327,13 @@ class Metered:
         *,
         ledger: Ledger | None = None,
         subject: Callable[[], str | None] | None = None,
-        fail_open: bool | None = None,
+        fail_open: FeatureSwitch | None = None,
         commit_on: Callable[[int], bool] | None = None,
         remaining_header: str | _Unset | None = _UNSET,
         idempotency_header: str | None = None,
         reservation_ttl: float | timedelta | None = None,
+        shadow: FeatureSwitch | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         self._ledger = ledger
         self._subject = subject
@@ -327,6 +342,8 @@ class Metered:
         self._remaining_header = remaining_header
         self._idempotency_header = idempotency_header
         self._reservation_ttl = reservation_ttl
+        self._shadow = shadow
+        self._on_event = on_event
         self._apps: WeakKeyDictionary[Flask, _AppState] = WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -342,7 +359,10 @@ class Metered:
             )
         fail_open = self._fail_open
         if fail_open is None:
-            fail_open = _as_bool(config.get("METERED_FAIL_OPEN", False))
+            fail_open = _as_switch(config.get("METERED_FAIL_OPEN", False))
+        shadow = self._shadow
+        if shadow is None:
+            shadow = _as_switch(config.get("METERED_SHADOW", False))
         remaining = self._remaining_header
         if isinstance(remaining, _Unset):
             remaining = config.get("METERED_REMAINING_HEADER", DEFAULT_REMAINING_HEADER)
@@ -357,6 +377,8 @@ class Metered:
             or config.get("METERED_IDEMPOTENCY_HEADER")
             or DEFAULT_IDEMPOTENCY_HEADER,
             reservation_ttl=_as_seconds(ttl),
+            shadow=shadow,
+            on_event=self._on_event or config.get("METERED_ON_EVENT"),
         )
         first_time = app not in self._apps
         ledger = self._ledger or self._ledger_from_config(app)

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 from metered.integrations._policy import (
     PROBLEM_CONTENT_TYPE,
     Denial,
+    EventHook,
+    FeatureSwitch,
     Policy,
     Ticket,
     admit_entitlement,
@@ -241,7 +243,10 @@ class MeteredWSGIMiddleware:
     :param rules: :class:`~metered.integrations._rules.Rule` objects, first match wins;
         ``Rule.units`` and ``Rule.key`` callables receive the ``environ``.
     :param fail_open: when the ledger is unreachable, let requests through uncharged instead
-        of answering 503.
+        of answering 503; ``True``, or per feature (names, or a mapping with ``"*"``).
+    :param shadow: compute and emit denials (``metered.shadow_denied``) without enforcing
+        them or charging anything; for every feature or per feature like ``fail_open``.
+    :param on_event: ``on_event(name, fields)`` for every event (metrics hooks).
     :param commit_on: ``commit_on(status) -> bool``, default ``status < 400``; a rule's own
         ``commit_on`` wins.
     :param remaining_header: response header with the remaining balance (None: no header).
@@ -258,11 +263,13 @@ class MeteredWSGIMiddleware:
         ledger: Ledger,
         subject: Callable[[WSGIEnvironment], str | None],
         rules: Sequence[Rule] = (),
-        fail_open: bool = False,
+        fail_open: FeatureSwitch = False,
         commit_on: Callable[[int], bool] = default_commit_on,
         remaining_header: str | None = "Metered-Remaining",
         idempotency_header: str = "Idempotency-Key",
         reservation_ttl: float | None = None,
+        shadow: FeatureSwitch = False,
+        on_event: EventHook | None = None,
     ) -> None:
         self.app = app
         self.ledger = ledger
@@ -274,6 +281,8 @@ class MeteredWSGIMiddleware:
             remaining_header=remaining_header,
             idempotency_header=idempotency_header,
             reservation_ttl=reservation_ttl,
+            shadow=shadow,
+            on_event=on_event,
         )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
