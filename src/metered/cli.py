@@ -226,6 +226,15 @@ def _history(args: argparse.Namespace) -> None:
     )
 
 
+@command("demo")
+def _demo(args: argparse.Namespace) -> None:
+    try:
+        from metered import demo
+    except ImportError as exc:  # pragma: no cover - depends on the extras installed
+        raise CommandError(f"the demo needs: pip install 'metered-billing[demo]' ({exc})") from exc
+    demo.run(_url(args), keep_running=args.keep_running)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metered", description="Entitlements and usage metering for Stripe-billed apps."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", parents=[common], help="run the end-to-end demo (SQLite)")
+    demo.add_argument("--keep-running", action="store_true", help="leave the demo app up")
 
     db = sub.add_parser("db", help="schema migrations").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -53,7 +53,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    from conftest import PostgresSchema, require_postgres
+    from support import PostgresSchema, require_postgres
 
     schema = PostgresSchema(require_postgres())
     try:

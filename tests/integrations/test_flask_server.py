@@ -43,7 +43,7 @@ def server(
     if request.param == "sqlite":
         url = f"sqlite:///{Path(tmp_path_factory.mktemp('gunicorn')) / 'ledger.db'}"
     else:
-        from conftest import PostgresSchema, require_postgres
+        from support import PostgresSchema, require_postgres
 
         schema = PostgresSchema(require_postgres())
         url = schema.url

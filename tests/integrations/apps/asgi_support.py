@@ -51,8 +51,9 @@ def database(backend: str, directory: Path) -> Iterator[str]:
             ledger.create_schema()
         yield url
         return
-    conftest = importlib.import_module("conftest")  # tests/conftest.py
-    schema = conftest.PostgresSchema(conftest.require_postgres())
+    from support import PostgresSchema, require_postgres
+
+    schema = PostgresSchema(require_postgres())
     try:
         with Ledger(schema.url, plans=PLANS) as ledger:
             ledger.create_schema()
