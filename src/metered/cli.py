@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--feature")
     history.add_argument("--limit", type=int, default=50)
 
+    from metered.server import _cli  # noqa: F401  (adds `serve` and `keys` to _EXTENSIONS)
+
     for extend in _EXTENSIONS:
         extend(sub, common)
     return parser
