@@ -26,9 +26,9 @@ from metered import _fork
 from metered._sql import (
     ACCOUNT_COLUMNS,
     DECISION_VALUES,
+    DELTA_COLUMNS,
     FAR_FUTURE,
     OPERATION_COLUMNS,
-    RESULT_COLUMNS,
     Statements,
 )
 from metered.clock import Clock, from_us
@@ -429,12 +429,13 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     stmts = ctx.stmts
     if stmts.single_statement:
         rows = yield stmts.unit_op[kind], params
-        return dict(zip(RESULT_COLUMNS, rows[0])) if rows else None
+        return dict(zip(stmts.result_columns, rows[0])) if rows else None
     yield stmts.begin, {}
     rows = yield stmts.unit_op[kind], params
-    row = dict(zip(RESULT_COLUMNS, rows[0])) if rows else None
+    row = dict(zip(stmts.result_columns, rows[0])) if rows else None
     if row is not None and row["ok"] and row["p_id"] is None:
         bound = {**params, **{f"g_{name}": row[name] for name in DECISION_VALUES}}
+        bound.update((name, row[name]) for name in DELTA_COLUMNS)
         for stmt in stmts.unit_writes[kind]:
             yield stmt, bound
         row["applied"] = 1

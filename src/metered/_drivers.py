@@ -214,24 +214,40 @@ class SQLiteExecutor(SyncExecutor):
         return conn
 
     def run(self, op: Op) -> Any:
-        # SQLite admits one writer at a time, and a writer that finds the database locked
-        # polls with sleeps of 1 to 100 ms. Threads of one process therefore take turns on a
-        # lock first, which wakes the next one the moment the last one is done; only writers
-        # in other processes ever meet SQLite's busy handler.
         if _fork.generation != self._generation:  # forked: share neither connections nor locks
             self._local, self._all, self._generation = threading.local(), [], _fork.generation
             self._shared, self._turn = None, threading.Lock()
-        if not self._turn.acquire(timeout=self._timeout):
-            raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")
-        try:
-            return self._run(op, self.connection())
-        finally:
-            self._turn.release()
+        if self._memory:  # one connection for every thread: whole operations take turns
+            if not self._turn.acquire(timeout=self._timeout):
+                raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")
+            try:
+                return self._run(op, self.connection(), None)
+            finally:
+                self._turn.release()
+        return self._run(op, self.connection(), self._turn)
 
-    @staticmethod
-    def _run(op: Op, conn: sqlite3.Connection) -> Any:
+    def _run(self, op: Op, conn: sqlite3.Connection, turn: threading.Lock | None) -> Any:
+        # SQLite admits one writer at a time, and a writer that finds the database locked
+        # polls with sleeps of 1 to 100 ms. Write transactions of one process therefore take
+        # turns on a lock, which wakes the next one the moment the last one is done; only
+        # writers in other processes meet SQLite's busy handler. Reads never wait (WAL).
+        cur = conn.cursor()
+        holding = False
+
         def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-            return conn.execute(stmt.sql, params).fetchall()
+            nonlocal holding
+            sql = stmt.sql
+            if turn is not None and sql[0] == "B" and sql.startswith("BEGIN"):
+                if not turn.acquire(timeout=self._timeout):
+                    raise LedgerUnavailable(
+                        f"timed out after {self._timeout} s waiting to write to SQLite"
+                    )
+                holding = True
+            rows = cur.execute(sql, params).fetchall()
+            if holding and (sql == "COMMIT" or sql == "ROLLBACK"):
+                holding = False
+                turn.release()  # type: ignore[union-attr]
+            return rows
 
         try:
             return drive(op, execute)
@@ -245,6 +261,9 @@ class SQLiteExecutor(SyncExecutor):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            if holding:
+                turn.release()  # type: ignore[union-attr]
 
     def close(self) -> None:
         for conn in self._all:
@@ -307,22 +326,27 @@ class PsycopgExecutor(SyncExecutor):
         )
         self._opened = False
         self._open_lock = threading.Lock()
+        self._timeout = timeout
 
     def _ensure_open(self) -> None:
         with self._open_lock:
             if not self._opened:
+                # Wait for the first connection: requests arriving before it would make the
+                # pool grow a second one and alternate between them, which costs ~90 us each.
                 self._pool.open(wait=False)
                 self._opened = True
+                self._pool.wait(timeout=self._timeout)
 
     def run(self, op: Op) -> Any:
-        if not self._opened:
-            self._ensure_open()
         try:
+            if not self._opened:
+                self._ensure_open()
             with self._pool.connection() as conn:
+                cur = conn.cursor()
 
                 def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-                    cur = conn.execute(stmt.sql, params)
-                    return cur.fetchall() if cur.description is not None else []
+                    cur.execute(stmt.sql, params)
+                    return cur.fetchall() if stmt.returns_rows else []
 
                 try:
                     return drive(op, execute)
@@ -369,16 +393,18 @@ class PsycopgAsyncExecutor(AsyncExecutor):
             )
             await pool.open(wait=False)
             self._pool, self._loop = pool, loop
+            await pool.wait(timeout=self._timeout)  # see PsycopgExecutor._ensure_open
         return self._pool
 
     async def run(self, op: Op) -> Any:
         try:
             pool = await self._get_pool()
             async with pool.connection() as conn:
+                cur = conn.cursor()
 
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-                    cur = await conn.execute(stmt.sql, params)
-                    return await cur.fetchall() if cur.description is not None else []
+                    await cur.execute(stmt.sql, params)
+                    return await cur.fetchall() if stmt.returns_rows else []
 
                 try:
                     return await drive_async(op, execute)

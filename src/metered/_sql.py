@@ -30,22 +30,16 @@ ParamStyle = Literal["named", "pyformat", "dollar"]
 FAR_FUTURE = 2**62
 """Stands for "never" in BIGINT microsecond columns."""
 
-# Columns every decision row carries, in this order.
+# What Python reads from every decision row, in this order.
 DECISION_COLUMNS = (
     "ok",
     "fresh",
     "usable",
     "entitled",
-    "overage_allowed",
     "available",
-    "take_allowance",
-    "take_credit",
     "take_overage",
-    "held_units",
-    "meter",
     "r_state",
     "r_expires_at",
-    "r_key",
 )
 DECISION_VALUES = (
     "ok",
@@ -57,6 +51,8 @@ DECISION_VALUES = (
     "meter",
 )
 """The decision values the SQLite writes read back through ``g``."""
+DELTA_COLUMNS = ("du", "dc", "dov", "dh")
+"""The account deltas (used, credit spent, overage, held) the SQLite account update binds."""
 PRIOR_COLUMNS = (
     "p_id",
     "p_kind",
@@ -68,7 +64,9 @@ PRIOR_COLUMNS = (
     "p_expires_at",
     "p_overage",
 )
-RESULT_COLUMNS = (*DECISION_COLUMNS, "applied", *PRIOR_COLUMNS)
+_SQLITE_EXTRA = tuple(
+    name for name in (*DECISION_VALUES, *DELTA_COLUMNS) if name not in DECISION_COLUMNS
+)
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -80,6 +78,8 @@ class Stmt:
     sql: str
     names: tuple[str, ...]
     style: ParamStyle
+    returns_rows: bool = True
+    """Whether it yields rows (known at render time, so drivers never inspect cursors)."""
 
     def bind(self, params: dict[str, Any]) -> Any:
         if self.style == "dollar":
@@ -105,7 +105,11 @@ def render(sql: str, style: ParamStyle) -> Stmt:
     rendered = _PARAM.sub(replace, sql)
     if style == "named":
         names = list(dict.fromkeys(_PARAM.findall(sql)))
-    return Stmt(rendered, tuple(names), style)
+    head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+    returns_rows = head in ("SELECT", "WITH", "VALUES") or " RETURNING " in f" {sql.upper()} "
+    if head == "WITH" and " SELECT " not in sql.upper().rsplit(")", 1)[-1] + " ":
+        returns_rows = " RETURNING " in f" {sql.upper()} "  # WITH ... INSERT/UPDATE
+    return Stmt(rendered, tuple(names), style, returns_rows)
 
 
 _ACCOUNT = """
@@ -181,17 +185,18 @@ _WRITES = {
 
 # Account deltas per operation: (used, credit spent, overage, held, recheck_at).
 _DELTAS = {
-    "consume": ("take_allowance", "take_credit", "take_overage", "0", "m.recheck_at"),
-    "reserve": ("0", "0", "0", ":units", "{least}(m.recheck_at, :expires_at)"),
-    "commit": ("take_allowance", "take_credit", "take_overage", "-held_units", "m.recheck_at"),
-    "release": ("0", "0", "0", "-held_units", "m.recheck_at"),
+    "consume": ("take_allowance", "take_credit", "take_overage", "0", "recheck_at"),
+    "reserve": ("0", "0", "0", ":units", "{least}(recheck_at, :expires_at)"),
+    "commit": ("take_allowance", "take_credit", "take_overage", "-held_units", "recheck_at"),
+    "release": ("0", "0", "0", "-held_units", "recheck_at"),
 }
 
+# {d*} are ``x.d*`` on PostgreSQL (a CTE over the decision) and bound values on SQLite.
 _UPDATE_ACCOUNT = """
-UPDATE metered_accounts AS m
-SET used = m.used + x.du, credit = m.credit - x.dc, overage = m.overage + x.dov,
-    held = m.held + x.dh, recheck_at = {recheck}, updated_at = :now
-FROM x WHERE m.subject = :subject AND m.feature = :feature"""
+UPDATE metered_accounts
+SET used = used + {du}, credit = credit - {dc}, overage = overage + {dov},
+    held = held + {dh}, recheck_at = {recheck}, updated_at = :now{source}
+WHERE subject = :subject AND feature = :feature"""
 
 _DELTA_CTE = "x AS (SELECT {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh FROM g WHERE ok{gate})"
 
@@ -205,6 +210,7 @@ _PRIOR_SELECT = (
 _NO_PRIOR = ", ".join(f"NULL AS {name}" for name in PRIOR_COLUMNS)
 
 _DECISION_SELECT = ", ".join(f"g.{name}" for name in DECISION_COLUMNS)
+_SQLITE_EXTRA_SELECT = ", ".join(f"g.{name}" for name in _SQLITE_EXTRA if name not in DELTA_COLUMNS)
 
 _SUBJECT_COLUMNS = (
     "plan, status, interval_months, period_anchor, period_start, period_end,"
@@ -269,30 +275,41 @@ class Statements:
         # SQLite the writes on their own, reading the decision from bound values.
         self.unit_op: dict[str, Stmt] = {}
         self.unit_writes: dict[str, tuple[Stmt, Stmt]] = {}
+        self.result_columns = (
+            (*DECISION_COLUMNS, "applied", *PRIOR_COLUMNS)
+            if pg
+            else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied", *PRIOR_COLUMNS)
+        )
         for kind in _OK:
             decision = self._decision_ctes(kind)
             prior_select = _PRIOR_SELECT if kind in ("consume", "reserve") else _NO_PRIOR
             prior_join = _PRIOR if kind in ("consume", "reserve") else ""
-            write, deltas = self._writes(kind)
+            write = self._sub(_WRITES[kind])
+            du, dc, dov, dh, recheck = _DELTAS[kind]
             if pg:
+                deltas = _DELTA_CTE.format(
+                    du=du, dc=dc, dov=dov, dh=dh, gate=" AND EXISTS (SELECT 1 FROM w1)"
+                )
+                update = self._account_update(recheck, "x.du", "x.dc", "x.dov", "x.dh", " FROM x")
                 self.unit_op[kind] = r(
-                    f"WITH {decision}, w1 AS ({write} RETURNING 1),"
-                    f" {deltas.replace('{gate}', ' AND EXISTS (SELECT 1 FROM w1)')},"
-                    f" w2 AS ({self._update_account(kind)} RETURNING 1)"
+                    f"WITH {decision}, w1 AS ({write} RETURNING 1), {deltas},"
+                    f" w2 AS ({update} RETURNING 1)"
                     f" SELECT {_DECISION_SELECT}, (SELECT count(*) FROM w1) AS applied,"
                     f" {prior_select} FROM g{prior_join}"
                 )
             else:
+                # The decision also computes the account deltas, so the update is plain.
                 self.unit_op[kind] = r(
-                    f"WITH {decision} SELECT {_DECISION_SELECT}, 0 AS applied, {prior_select}"
-                    f" FROM g{prior_join}"
+                    f"WITH {decision} SELECT {_DECISION_SELECT}, {_SQLITE_EXTRA_SELECT},"
+                    f" {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh,"
+                    f" 0 AS applied, {prior_select} FROM g{prior_join}"
                 )
                 bound = "g({}) AS (VALUES ({}))".format(
                     ", ".join(DECISION_VALUES), ", ".join(f":g_{name}" for name in DECISION_VALUES)
                 )
                 self.unit_writes[kind] = (
                     r(f"WITH {bound} {write}"),
-                    r(f"WITH {bound}, {deltas.replace('{gate}', '')} {self._update_account(kind)}"),
+                    r(self._account_update(recheck, ":du", ":dc", ":dov", ":dh", "")),
                 )
 
         # Normalisation, plan assignment, grants, reads: plain statements run by Python logic.
@@ -421,13 +438,14 @@ class Statements:
         parts.append(_CHAIN.replace("{ok}", _OK[kind]))
         return self._sub(",".join(parts))
 
-    def _writes(self, kind: str) -> tuple[str, str]:
-        du, dc, dov, dh, _ = _DELTAS[kind]
-        deltas = _DELTA_CTE.format(du=du, dc=dc, dov=dov, dh=dh, gate="{gate}")
-        return self._sub(_WRITES[kind]), deltas
-
-    def _update_account(self, kind: str) -> str:
-        return self._sub(_UPDATE_ACCOUNT.replace("{recheck}", _DELTAS[kind][4]))
+    def _account_update(
+        self, recheck: str, du: str, dc: str, dov: str, dh: str, source: str
+    ) -> str:
+        return self._sub(
+            _UPDATE_ACCOUNT.format(
+                du=du, dc=dc, dov=dov, dh=dh, recheck=recheck, source=source
+            ).replace("{least}", self._fmt["least"])
+        )
 
     def _sub(self, sql: str) -> str:
         for name, value in self._fmt.items():

@@ -242,6 +242,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the demo; returns a summary (used by the tests)."""
     import stripe
+
     from metered.cli import table
     from metered.stripe import StripeBilling
 

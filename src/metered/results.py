@@ -55,6 +55,7 @@ def _shape(cls: type[_Result]) -> tuple[set[str], tuple[tuple[str, Any], ...]]:
     defaults = tuple(
         (name, field.default) for name, field in cls.model_fields.items() if not field.is_required()
     )
+    # One set per class is safe: pydantic copies it before mutating (model_copy).
     _SHAPES[cls] = shape = (set(cls.model_fields), defaults)
     return shape
 

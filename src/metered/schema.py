@@ -84,7 +84,15 @@ operations = Table(
     Column("meter", String(100), nullable=True),
     Column("exported_at", BigInteger, nullable=True),
     Index("uq_metered_operations_key", "subject", "key", unique=True),
-    Index("ix_metered_operations_state", "subject", "feature", "state"),
+    # Live reservations only (the rows normalisation looks for); a partial index also keeps
+    # the planner from using it for key lookups, which belong to the unique index.
+    Index(
+        "ix_metered_operations_held",
+        "subject",
+        "feature",
+        postgresql_where=text("state = 'held'"),
+        sqlite_where=text("state = 'held'"),
+    ),
     Index(
         "ix_metered_operations_export",
         "id",

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import stripe
+
 from metered import AsyncLedger, Feature, Ledger, Plan
 from metered.clock import ManualClock
 from metered.stripe import AsyncStripeBilling, CreditPack, StripeBilling

@@ -9,9 +9,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import stripe
 from stripe_support import DAY, MONTH, T0, Env, Request, api_error, checkout_session
 
-import stripe
 from metered.schema import operations
 from metered.stripe import ExportReport, UsageEntry
 

@@ -7,9 +7,9 @@ import json
 from collections.abc import Callable
 
 import pytest
+import stripe
 from stripe_support import MONTH, SECRET, T0, Env, new_id
 
-import stripe
 from metered import MeteredError
 from metered.errors import ConfigurationError
 from metered.stripe import (

@@ -610,6 +610,7 @@ def _billing_from_env(ledger: AsyncLedger) -> Billing | None:
         raise ConfigurationError("STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRET is not")
     try:
         import stripe
+
         from metered.stripe import AsyncStripeBilling
     except ImportError as exc:
         raise ConfigurationError(

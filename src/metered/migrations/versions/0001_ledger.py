@@ -66,8 +66,13 @@ def upgrade() -> None:
     op.create_index(
         "uq_metered_operations_key", "metered_operations", ["subject", "key"], unique=True
     )
+    held = sa.text("state = 'held'")
     op.create_index(
-        "ix_metered_operations_state", "metered_operations", ["subject", "feature", "state"]
+        "ix_metered_operations_held",
+        "metered_operations",
+        ["subject", "feature"],
+        postgresql_where=held,
+        sqlite_where=held,
     )
     pending = sa.text("meter IS NOT NULL AND exported_at IS NULL")
     op.create_index(
