@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -226,6 +227,88 @@ def _history(args: argparse.Namespace) -> None:
     )
 
 
+@command("routes")
+def _routes(args: argparse.Namespace) -> None:
+    from metered.integrations._routes import load_app, metered_routes
+
+    rows = metered_routes(load_app(args.app))
+    emit(args, rows, table(rows, ["method", "path", "kind", "feature", "units", "key", "source"]))
+
+
+def _billing(args: argparse.Namespace, ledger: Ledger, *, need_secret: bool) -> Any:
+    try:
+        import stripe
+
+        from metered.stripe import StripeBilling
+    except ImportError as exc:
+        raise CommandError(
+            f"needs the stripe extra: pip install 'metered-billing[stripe]' ({exc})"
+        ) from exc
+    key = os.environ.get("STRIPE_API_KEY")
+    secret = os.environ.get("STRIPE_WEBHOOK_SECRET")
+    if not key:
+        raise CommandError("set STRIPE_API_KEY (sk_test_... or sk_live_...)")
+    if need_secret and not secret:
+        raise CommandError("set STRIPE_WEBHOOK_SECRET (whsec_...)")
+    options: dict[str, Any] = {}
+    if base := os.environ.get("STRIPE_API_BASE"):  # e.g. stripe-mock or a local stand-in
+        options["base_addresses"] = {"api": base}
+    client = stripe.StripeClient(key, **options)
+    return StripeBilling(ledger, client=client, webhook_secret=secret or "whsec_not_needed")
+
+
+@command("export-usage")
+def _export_usage(args: argparse.Namespace) -> None:
+    import time
+
+    with _ledger(args) as ledger:
+        billing = _billing(args, ledger, need_secret=False)
+        totals: dict[str, Any] = {"sent": 0, "stale": 0, "rejected": 0, "no_customer": 0}
+        while True:
+            progress = not args.json and sys.stderr.isatty()
+            while True:  # drain the backlog in batches, with a progress line
+                report = billing.export_usage(batch_size=args.batch_size, limit=args.batch_size)
+                for name in totals:
+                    totals[name] += len(getattr(report, name))
+                if progress:
+                    print(f"\rexported {totals['sent']} entries ...", end="", file=sys.stderr)
+                if report.interrupted or len(report.sent) + len(report.stale) < args.batch_size:
+                    break
+            if progress:
+                print(file=sys.stderr)
+            if report.interrupted:
+                totals["interrupted"] = report.interrupted
+            if not args.loop:
+                break
+            time.sleep(args.interval)
+    human = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
+    emit(args, totals, f"usage export: {human}")
+    if totals["rejected"] or totals.get("interrupted"):
+        raise CommandError("some usage was not exported (see above); it stays queued", 1)
+
+
+@command("webhooks.replay")
+def _webhooks_replay(args: argparse.Namespace) -> None:
+    from metered.testing import sign_stripe_payload
+
+    payload = Path(args.file).read_bytes()
+    with _ledger(args) as ledger:
+        billing = _billing(args, ledger, need_secret=True)
+        secret = os.environ["STRIPE_WEBHOOK_SECRET"]
+        result = billing.handle_webhook(payload, sign_stripe_payload(payload, secret))
+    emit(
+        args,
+        {
+            "event_id": result.event_id,
+            "type": result.type,
+            "outcome": result.outcome,
+            "subject": result.subject,
+        },
+        f"{result.event_id} ({result.type}): {result.outcome}"
+        + (f" for {result.subject}" if result.subject else ""),
+    )
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> None:
     try:
@@ -250,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metered", description="Entitlements and usage metering for Stripe-billed apps."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    routes = sub.add_parser("routes", parents=[common], help="list an app's metered routes")
+    routes.add_argument("app", help="MODULE:ATTRIBUTE of a Flask, Starlette or FastAPI app")
+
+    export = sub.add_parser(
+        "export-usage", parents=[common], help="send committed usage to Stripe Meters"
+    )
+    export.add_argument("--loop", action="store_true", help="keep exporting every --interval s")
+    export.add_argument("--interval", type=float, default=60.0)
+    export.add_argument("--batch-size", type=int, default=100)
+
+    webhooks = sub.add_parser("webhooks", help="Stripe webhooks").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    replay = webhooks.add_parser(
+        "replay", parents=[common], help="apply a saved Stripe event through the normal path"
+    )
+    replay.add_argument("file", help="the event as Stripe sent it (JSON)")
 
     demo = sub.add_parser("demo", parents=[common], help="run the end-to-end demo (SQLite)")
     demo.add_argument("--keep-running", action="store_true", help="leave the demo app up")

@@ -66,3 +66,20 @@ def exempt_path(path: str) -> None:
 
 def is_exempt(path: str) -> bool:
     return (path.rstrip("/") or "/") in _EXEMPT_PATHS
+
+
+def annotate(wrapper: Any, wrapped: Any, **info: Any) -> None:
+    """Record what a metered decorator does on the function it returns.
+
+    ``metered routes APP`` reads ``__metered__`` to list every metered route. A new tuple
+    each time, so stacked decorators never share (and mutate) their wrapped function's.
+    """
+    wrapper.__metered__ = (*getattr(wrapped, "__metered__", ()), info)
+
+
+def describe_units(units: Any) -> str:
+    return str(units) if isinstance(units, int) else f"{getattr(units, '__name__', 'callable')}()"
+
+
+def describe_key(key: Any, header: str = "Idempotency-Key") -> str:
+    return f"{getattr(key, '__name__', 'callable')}()" if key is not None else f"{header} header"

@@ -72,7 +72,7 @@ from metered.integrations._policy import (
     SubscriptionInactive,
     Ticket,
 )
-from metered.integrations._rules import Rule, exempt_path
+from metered.integrations._rules import Rule, describe_key, describe_units, exempt_path
 from metered.integrations.asgi import (
     UNSET,
     KeyFn,
@@ -239,6 +239,7 @@ class RequiresEntitlement:
         self.responses = metered_responses(401, 403, 503)
         """Spread into the route: ``responses={**dep.responses}``."""
         self.__signature__ = _dependency_signature(subject, CheckResult | None)
+        self.__metered_info__ = {"kind": "requires_entitlement", "feature": self.feature}
 
     async def __call__(self, *, request: Request, subject: Any = UNSET) -> CheckResult | None:
         return await check_entitlement(request, self.feature, subject=subject)
@@ -280,6 +281,12 @@ class Consumes:
         self.responses = metered_responses(401, 402, 403, 409, 503)
         """Spread into the route: ``responses={**dep.responses}``."""
         self.__signature__ = _dependency_signature(subject, Ticket)
+        self.__metered_info__ = {
+            "kind": "consumes",
+            "feature": self.feature,
+            "units": describe_units(units),
+            "key": describe_key(key),
+        }
 
     async def __call__(self, *, request: Request, subject: Any = UNSET) -> Ticket:
         return await reserve_units(

@@ -116,6 +116,7 @@ from metered.integrations._policy import (
     require_subject,
     run_sync,
 )
+from metered.integrations._rules import annotate, describe_key, describe_units
 from metered.integrations.wsgi import (
     ENVIRON_METER,
     Charge,
@@ -571,6 +572,13 @@ def _consumes_decorator(
 
         check_units(units)
 
+    info = {
+        "kind": "consumes",
+        "feature": feature,
+        "units": describe_units(units),
+        "key": describe_key(key),
+    }
+
     def decorate(view: F) -> F:
         if inspect.iscoroutinefunction(view):
 
@@ -583,6 +591,7 @@ def _consumes_decorator(
                     Metered._release(charge)
                     raise
 
+            annotate(async_wrapper, view, **info)
             return cast(F, async_wrapper)
 
         @functools.wraps(view)
@@ -594,6 +603,7 @@ def _consumes_decorator(
                 Metered._release(charge)
                 raise
 
+        annotate(wrapper, view, **info)
         return cast(F, wrapper)
 
     return decorate
@@ -612,6 +622,7 @@ def _entitlement_decorator(find: Callable[[], Metered], feature: str) -> Callabl
                 find()._check(feature)
                 return await view(*args, **kwargs)
 
+            annotate(async_wrapper, view, kind="requires_entitlement", feature=feature)
             return cast(F, async_wrapper)
 
         @functools.wraps(view)
@@ -619,6 +630,7 @@ def _entitlement_decorator(find: Callable[[], Metered], feature: str) -> Callabl
             find()._check(feature)
             return view(*args, **kwargs)
 
+        annotate(wrapper, view, kind="requires_entitlement", feature=feature)
         return cast(F, wrapper)
 
     return decorate

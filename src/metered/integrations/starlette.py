@@ -60,7 +60,7 @@ from metered.integrations._policy import (
     SubscriptionInactive,
     Ticket,
 )
-from metered.integrations._rules import Rule, exempt_path
+from metered.integrations._rules import Rule, annotate, describe_key, describe_units, exempt_path
 from metered.integrations.asgi import (
     STATE_KEY,
     KeyFn,
@@ -162,7 +162,13 @@ def _consumes_decorator(
             request, units, feature=feature, key=key, commit_on=commit_on, ttl=seconds
         )
 
-    return functools.partial(_decorate, admit=admit, inject=inject)
+    info = {
+        "kind": "consumes",
+        "feature": feature,
+        "units": describe_units(units),
+        "key": describe_key(key),
+    }
+    return functools.partial(_decorate, admit=admit, inject=inject, info=info)
 
 
 def _entitlement_decorator(feature: str, *, inject: bool) -> Callable[[F], F]:
@@ -171,10 +177,11 @@ def _entitlement_decorator(feature: str, *, inject: bool) -> Callable[[F], F]:
     async def admit(request: Request) -> object:
         return await check_entitlement(request, feature)
 
-    return functools.partial(_decorate, admit=admit, inject=inject)
+    info = {"kind": "requires_entitlement", "feature": feature}
+    return functools.partial(_decorate, admit=admit, inject=inject, info=info)
 
 
-def _decorate(func: F, *, admit: Admit, inject: bool) -> F:
+def _decorate(func: F, *, admit: Admit, inject: bool, info: dict[str, Any]) -> F:
     """Wrap ``func`` so ``admit(request)`` runs first; same signature and coroutine-ness."""
     if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
         raise TypeError(
@@ -212,6 +219,7 @@ def _decorate(func: F, *, admit: Admit, inject: bool) -> F:
 
     if signature is not None:
         wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    annotate(wrapper, func, **info)
     return cast(F, wrapper)
 
 
