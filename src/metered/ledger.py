@@ -83,6 +83,11 @@ class _LedgerBase:
             past_due_grace_us=duration_us(past_due_grace),
             ids=_core._Ids(),
         )
+        self._start()
+
+    def _start(self) -> None:
+        """Create the executor (a blocking one for Ledger, an asyncio one for AsyncLedger)."""
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
@@ -221,9 +226,10 @@ class Ledger(_LedgerBase):
     True
     """
 
-    def __init__(self, url: str | None = None, **options: Any) -> None:
-        super().__init__(url, **options)
-        self._executor: SyncExecutor = sync_executor(
+    _executor: SyncExecutor
+
+    def _start(self) -> None:
+        self._executor = sync_executor(
             self.target, pool_size=self._pool_size, timeout=self._timeout
         )
 
@@ -329,9 +335,10 @@ class AsyncLedger(_LedgerBase):
 
     _asynchronous = True
 
-    def __init__(self, url: str | None = None, **options: Any) -> None:
-        super().__init__(url, **options)
-        self._executor: AsyncExecutor = async_executor(
+    _executor: AsyncExecutor
+
+    def _start(self) -> None:
+        self._executor = async_executor(
             self.target, pool_size=self._pool_size, timeout=self._timeout
         )
 

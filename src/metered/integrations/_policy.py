@@ -72,6 +72,8 @@ class Denial(MeteredError):
 
 
 class SubjectRequired(Denial):
+    """No subject could be resolved for the request (401)."""
+
     status, slug, title = 401, "subject-required", "Authentication required"
 
 
@@ -82,6 +84,8 @@ class EntitlementRequired(Denial):
 
 
 class SubscriptionInactive(EntitlementRequired):
+    """The plan includes the feature but the subscription status grants no access (403)."""
+
     slug, title = "subscription-inactive", "Subscription inactive"
 
 
@@ -92,22 +96,32 @@ class PaymentRequired(Denial):
 
 
 class InsufficientUnits(PaymentRequired):
+    """Some units are left, but fewer than the request needs (402)."""
+
     slug, title = "insufficient-units", "Not enough units left"
 
 
 class RequestInProgress(Denial):
+    """A request with the same idempotency key is still in flight (409)."""
+
     status, slug, title = 409, "operation-in-progress", "Request with this key still in progress"
 
 
 class IdempotencyKeyReused(Denial):
+    """The idempotency key was already used for a different request (422)."""
+
     status, slug, title = 422, "idempotency-key-reused", "Idempotency key reused"
 
 
 class InvalidIdempotencyKey(Denial):
+    """The idempotency key is empty, too long or not text (400)."""
+
     status, slug, title = 400, "invalid-idempotency-key", "Invalid idempotency key"
 
 
 class ServiceUnavailable(Denial):
+    """The ledger is unreachable and the feature fails closed (503)."""
+
     status, slug, title = 503, "ledger-unavailable", "Metering temporarily unavailable"
 
 
