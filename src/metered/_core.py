@@ -15,6 +15,7 @@ without any background job.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 import threading
@@ -1068,8 +1069,12 @@ def _check_result(
         usage_remaining=remaining,
         limit=limit,
         overage_allowed=overage_allowed,
-        period_end=from_us(period_end) if period_end is not None else None,
+        period_end=_period_datetime(period_end) if period_end is not None else None,
     )
+
+
+_period_datetime = functools.lru_cache(maxsize=4096)(from_us)
+"""Period ends repeat across every check of a period; datetimes are immutable."""
 
 
 def _account_remaining(account: dict[str, Any]) -> int:
