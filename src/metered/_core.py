@@ -495,18 +495,7 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
                 continue
             return _consume_denied(subject, feature, key, "no_entitlement", 0)
         if row["applied"]:
-            return ConsumeResult._make(
-                ok=True,
-                consumed=units,
-                usage_remaining=_remaining_after(row, units),
-                replayed=False,
-                reason=None,
-                subject=subject,
-                feature=feature,
-                key=key,
-                entry_id=params["id"],
-                overage=row["take_overage"],
-            )
+            return _charged(subject, feature, key, units, row, params["id"])
         if row["p_id"] is not None:
             if _check_prior(row, feature, units, now) == "replay":
                 return ConsumeResult._make(
@@ -563,6 +552,24 @@ def _consume_denied(
         key=key,
         entry_id=None,
         overage=0,
+    )
+
+
+def _charged(
+    subject: str, feature: str, key: str | None, units: int, row: dict[str, Any], entry_id: int
+) -> ConsumeResult:
+    """The result of a consume or commit that the decision applied."""
+    return ConsumeResult._make(
+        ok=True,
+        consumed=units,
+        usage_remaining=_remaining_after(row, units),
+        replayed=False,
+        reason=None,
+        subject=subject,
+        feature=feature,
+        key=key,
+        entry_id=entry_id,
+        overage=row["take_overage"],
     )
 
 
@@ -725,18 +732,7 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
         if row is None:
             raise ReservationNotFound("no such reservation for this subject")
         if row["applied"]:
-            return ConsumeResult._make(
-                ok=True,
-                consumed=final,
-                usage_remaining=_remaining_after(row, final),
-                replayed=False,
-                reason=None,
-                subject=subject,
-                feature=feature,
-                key=reservation.key,
-                entry_id=target,
-                overage=row["take_overage"],
-            )
+            return _charged(subject, feature, reservation.key, final, row, target)
         if row["r_state"] != "held" or row["r_expires_at"] <= now:
             raise _settled_error(row, now)
         if not row["fresh"]:
