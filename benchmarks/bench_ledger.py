@@ -172,6 +172,46 @@ def measure(
             variant.go(n, record=True)
 
 
+def floor_and_metered(label: str, floor: SyncOp, metered: SyncOp) -> list[Variant]:
+    """The hand-written ``floor`` (described by ``label``) and metered's Ledger next to it."""
+    return [
+        Variant("floor", label, sync_runner(floor)),
+        Variant("metered", "metered Ledger", sync_runner(metered), "floor"),
+    ]
+
+
+def async_floor_and_metered(
+    loop: asyncio.AbstractEventLoop, label: str, floor: AsyncOp, metered: AsyncOp
+) -> list[Variant]:
+    """The same for the async floor and metered's AsyncLedger, on ``loop``."""
+    return [
+        Variant("floor-async", label, async_runner(loop, floor)),
+        Variant("metered-async", "metered AsyncLedger", async_runner(loop, metered), "floor-async"),
+    ]
+
+
+def measure_groups(
+    backend: str,
+    groups: dict[str, list[Variant]],
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    after_warmup: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`measure` each operation's variants, one operation after the other; their rows."""
+    rows = []
+    for operation, variants in groups.items():
+        log(f"{backend}: {operation} ...")
+        measure(
+            variants,
+            ops=args.ops,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            after_warmup=after_warmup,
+        )
+        rows += summarize(backend, operation, variants)
+    return rows
+
+
 def percentile(sorted_ns: list[int], q: float) -> float:
     """Nearest-rank percentile, in microseconds."""
     index = max(0, min(len(sorted_ns) - 1, math.ceil(q * len(sorted_ns)) - 1))
@@ -430,39 +470,18 @@ def bench_sqlite(args: argparse.Namespace, log: Callable[[str], None]) -> list[d
                 worker, floor["consume"], 1_000_000_000 + i
             )
 
+        label = "stdlib sqlite3, by hand"
         groups = {
-            "consume": [
-                Variant("floor", "stdlib sqlite3, by hand", sync_runner(floor["consume"])),
-                Variant("metered", "metered Ledger", sync_runner(metered["consume"]), "floor"),
-                Variant(
-                    "floor-async",
-                    "sqlite3 on a worker thread",
-                    async_runner(loop, floor_async_consume),
-                ),
-                Variant(
-                    "metered-async",
-                    "metered AsyncLedger",
-                    async_runner(loop, async_consume),
-                    "floor-async",
-                ),
-            ],
-            "reserve+commit": [
-                Variant("floor", "stdlib sqlite3, by hand", sync_runner(floor["reserve+commit"])),
-                Variant(
-                    "metered", "metered Ledger", sync_runner(metered["reserve+commit"]), "floor"
-                ),
-            ],
-            "check": [
-                Variant("floor", "stdlib sqlite3, by hand", sync_runner(floor["check"])),
-                Variant("metered", "metered Ledger", sync_runner(metered["check"]), "floor"),
-            ],
+            "consume": floor_and_metered(label, floor["consume"], metered["consume"])
+            + async_floor_and_metered(
+                loop, "sqlite3 on a worker thread", floor_async_consume, async_consume
+            ),
+            "reserve+commit": floor_and_metered(
+                label, floor["reserve+commit"], metered["reserve+commit"]
+            ),
+            "check": floor_and_metered(label, floor["check"], metered["check"]),
         }
-        rows = []
-        for operation, variants in groups.items():
-            log(f"sqlite: {operation} ...")
-            measure(variants, ops=args.ops, rounds=args.rounds, warmup=args.warmup)
-            rows += summarize("sqlite", operation, variants)
-        return rows
+        return measure_groups("sqlite", groups, args, log)
     finally:
         worker.shutdown()
         if async_ledger is not None:
@@ -678,17 +697,9 @@ def _bench_postgres(
         metered = metered_ops(ledger, subject_names("metered"))
         async_ledger = AsyncLedger(url, plans=PLANS)
         async_consume = metered_async_consume(async_ledger, subject_names("async")["consume"])
-        variants_consume = [
-            Variant("floor", "raw psycopg, one CTE", sync_runner(floor["consume"])),
-            Variant("metered", "metered Ledger", sync_runner(metered["consume"]), "floor"),
-            Variant("floor-async", "psycopg AsyncConnection", async_runner(loop, afloor)),
-            Variant(
-                "metered-async",
-                "metered AsyncLedger",
-                async_runner(loop, async_consume),
-                "floor-async",
-            ),
-        ]
+        variants_consume = floor_and_metered(
+            "raw psycopg, one CTE", floor["consume"], metered["consume"]
+        ) + async_floor_and_metered(loop, "psycopg AsyncConnection", afloor, async_consume)
         if not args.no_asyncpg:
             try:
                 import asyncpg  # noqa: F401
@@ -711,16 +722,10 @@ def _bench_postgres(
                 )
         groups = {
             "consume": variants_consume,
-            "reserve+commit": [
-                Variant("floor", "raw psycopg, one CTE", sync_runner(floor["reserve+commit"])),
-                Variant(
-                    "metered", "metered Ledger", sync_runner(metered["reserve+commit"]), "floor"
-                ),
-            ],
-            "check": [
-                Variant("floor", "raw psycopg, one SELECT", sync_runner(floor["check"])),
-                Variant("metered", "metered Ledger", sync_runner(metered["check"]), "floor"),
-            ],
+            "reserve+commit": floor_and_metered(
+                "raw psycopg, one CTE", floor["reserve+commit"], metered["reserve+commit"]
+            ),
+            "check": floor_and_metered("raw psycopg, one SELECT", floor["check"], metered["check"]),
         }
 
         def analyze() -> None:
@@ -730,18 +735,7 @@ def _bench_postgres(
             if not args.no_analyze:
                 pg_analyze(url)
 
-        rows = []
-        for operation, variants in groups.items():
-            log(f"postgres: {operation} ...")
-            measure(
-                variants,
-                ops=args.ops,
-                rounds=args.rounds,
-                warmup=args.warmup,
-                after_warmup=analyze,
-            )
-            rows += summarize("postgres", operation, variants)
-        return rows
+        return measure_groups("postgres", groups, args, log, after_warmup=analyze)
     finally:
         for aledger in (async_ledger, asyncpg_ledger):
             if aledger is not None:

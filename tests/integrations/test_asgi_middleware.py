@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from apps.asgi_support import (
-    BACKENDS,
+    H,
     async_ledger,
     client,
-    database,
-    new_subject,
+    module_fixtures,
     spent,
 )
 from starlette.applications import Starlette
@@ -34,30 +33,7 @@ from metered import AsyncLedger
 from metered.integrations.asgi import Metered, MeteredMiddleware, Rule, exempt_path
 from metered.integrations.starlette import consumes, current_ticket, settle
 
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def db_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    with database(request.param, tmp_path_factory.mktemp("asgi")) as url:
-        yield url
-
-
-@pytest.fixture
-async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
-    made = async_ledger(db_url)
-    yield made
-    await made.close()
-
-
-@pytest.fixture
-def subject() -> str:
-    return new_subject()
-
-
-def H(subject: str | None, **extra: str) -> dict[str, str]:
-    sent = {"x-subject": subject} if subject is not None else {}
-    return {**sent, **{k.replace("_", "-"): v for k, v in extra.items()}}
+db_url, ledger, subject = module_fixtures("asgi")
 
 
 def by_header(request: Request) -> str | None:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import pytest
 from apps.asgi_support import (
-    BACKENDS,
+    H,
     async_ledger,
     client,
-    database,
     eventually_held,
-    new_subject,
+    module_fixtures,
     spent,
 )
 from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Request
@@ -34,30 +33,7 @@ from metered.integrations.fastapi import (
     settle,
 )
 
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def db_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    with database(request.param, tmp_path_factory.mktemp("fastapi")) as url:
-        yield url
-
-
-@pytest.fixture
-async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
-    made = async_ledger(db_url)
-    yield made
-    await made.close()
-
-
-@pytest.fixture
-def subject() -> str:
-    return new_subject()
-
-
-def H(subject: str | None, **extra: str) -> dict[str, str]:
-    sent = {"x-subject": subject} if subject is not None else {}
-    return {**sent, **{k.replace("_", "-"): v for k, v in extra.items()}}
+db_url, ledger, subject = module_fixtures("fastapi")
 
 
 class Item(BaseModel):

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apps.wsgi_support import PLANS, ledger_fixtures, spent
 from flask import Blueprint, Flask, Response, abort, g, request, stream_with_context
 from flask.testing import FlaskClient
 from flask.views import MethodView
 
-from metered import Ledger, MeteredError, Plan
+from metered import Ledger, MeteredError
 from metered.errors import ConfigurationError
 from metered.integrations import _policy
 from metered.integrations.flask import (
@@ -29,15 +30,6 @@ from metered.integrations.flask import (
     settle,
 )
 
-PLANS = [
-    Plan("free", features={"api_calls": 10}),
-    Plan("pro", features={"api_calls": 1000, "reports": True, "tokens": 500}),
-]
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="pg", marks=pytest.mark.postgres),
-]
-
 
 class BufferedClient(FlaskClient):
     """Reads and closes every response, as a real server does (streamed bodies settle on close)."""
@@ -47,32 +39,7 @@ class BufferedClient(FlaskClient):
         return super().open(*args, **kwargs)
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database: a temp SQLite file or a throwaway PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    from support import PostgresSchema, require_postgres
-
-    schema = PostgresSchema(require_postgres())
-    try:
-        yield schema.url
-    finally:
-        schema.drop()
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    with Ledger(database_url, plans=PLANS, default_plan="free") as made:
-        made.create_schema()
-        yield made
-
-
-def spent(ledger: Ledger, subject: str, feature: str = "api_calls") -> tuple[int, int]:
-    """(used, held) for the subject's current period."""
-    balance = ledger.balance(subject, feature)
-    return balance.used, balance.held
+database_url, ledger = ledger_fixtures()
 
 
 def headers(subject: str | None = "u1", **extra: str) -> dict[str, str]:

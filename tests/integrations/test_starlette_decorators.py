@@ -8,19 +8,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from apps.asgi_support import (
-    BACKENDS,
     PLANS,
-    async_ledger,
+    H,
     client,
-    database,
     eventually_held,
-    new_subject,
+    module_fixtures,
     spent,
 )
 from starlette.applications import Starlette
@@ -46,29 +44,7 @@ from metered.integrations.starlette import (
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def db_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    with database(request.param, tmp_path_factory.mktemp("starlette")) as url:
-        yield url
-
-
-@pytest.fixture
-async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
-    made = async_ledger(db_url)
-    yield made
-    await made.close()
-
-
-@pytest.fixture
-def subject() -> str:
-    return new_subject()
-
-
-def H(subject: str | None, **extra: str) -> dict[str, str]:
-    sent = {"x-subject": subject} if subject is not None else {}
-    return {**sent, **{k.replace("_", "-"): v for k, v in extra.items()}}
+db_url, ledger, subject = module_fixtures("starlette")
 
 
 gate: dict[str, asyncio.Event] = {}

@@ -20,10 +20,13 @@ from typing import Any
 
 import pytest
 from apps.wsgi_support import (
+    PLANS,
     hang_up,
+    ledger_fixtures,
     raw_request,
     read_all,
     read_until,
+    spent,
     wait_until,
     werkzeug_server,
 )
@@ -31,47 +34,16 @@ from flask import Flask, request
 from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder
 
-from metered import Ledger, Plan
+from metered import Ledger
 from metered.integrations._rules import Rule, exempt_path
 from metered.integrations.flask import Metered, consumes, current_ticket
 from metered.integrations.wsgi import ENVIRON_TICKET, MeteredWSGIMiddleware
 
-PLANS = [
-    Plan("free", features={"api_calls": 10}),
-    Plan("pro", features={"api_calls": 1000, "reports": True, "tokens": 500}),
-]
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="pg", marks=pytest.mark.postgres),
-]
 WEBHOOK = f"/hooks/stripe-{uuid.uuid4().hex[:8]}"
 exempt_path(WEBHOOK)
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    from support import PostgresSchema, require_postgres
-
-    schema = PostgresSchema(require_postgres())
-    try:
-        yield schema.url
-    finally:
-        schema.drop()
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    with Ledger(database_url, plans=PLANS, default_plan="free") as made:
-        made.create_schema()
-        yield made
-
-
-def spent(ledger: Ledger, subject: str = "u1", feature: str = "api_calls") -> tuple[int, int]:
-    balance = ledger.balance(subject, feature)
-    return balance.used, balance.held
+database_url, ledger = ledger_fixtures()
 
 
 # --------------------------------------------------------------------------- a plain WSGI app

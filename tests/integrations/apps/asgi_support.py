@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,40 @@ async def spent(ledger: AsyncLedger, subject: str, feature: str = "api_calls") -
     """(used, held) for the subject's current period."""
     balance = await ledger.balance(subject, feature)
     return balance.used, balance.held
+
+
+def H(subject: str | None, **extra: str) -> dict[str, str]:
+    """Request headers: ``x-subject`` (unless None) and ``extra`` (``_`` in names becomes ``-``)."""
+    sent = {"x-subject": subject} if subject is not None else {}
+    return {**sent, **{k.replace("_", "-"): v for k, v in extra.items()}}
+
+
+def module_fixtures(name: str) -> tuple[Any, Any, Any]:
+    """A test module's ``db_url``, ``ledger`` and ``subject`` fixtures, to be bound by name:
+    ``db_url, ledger, subject = module_fixtures("fastapi")``.
+
+    ``db_url``: one migrated database per module and backend (in a temp dir named ``name``);
+    ``ledger``: a fresh :class:`AsyncLedger` on it per test; ``subject``: a fresh subject name.
+    """
+
+    @pytest.fixture(scope="module", params=BACKENDS)
+    def db_url(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[str]:
+        with database(request.param, tmp_path_factory.mktemp(name)) as url:
+            yield url
+
+    @pytest.fixture
+    async def ledger(db_url: str) -> AsyncIterator[AsyncLedger]:
+        made = async_ledger(db_url)
+        yield made
+        await made.close()
+
+    @pytest.fixture
+    def subject() -> str:
+        return new_subject()
+
+    return db_url, ledger, subject
 
 
 # --------------------------------------------------------------------------- real servers

@@ -16,10 +16,58 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from metered import Ledger, Plan
+
 HERE = Path(__file__).resolve().parent
 INTEGRATIONS = HERE.parent
 TIMEOUT = 30.0
 """Generous wall-clock limit for servers to start and ledgers to settle (CI is slow)."""
+PLANS = [
+    Plan("free", features={"api_calls": 10}),
+    Plan("pro", features={"api_calls": 1000, "reports": True, "tokens": 500}),
+]
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="pg", marks=pytest.mark.postgres),
+]
+
+
+def ledger_fixtures() -> tuple[Any, Any]:
+    """A test module's ``database_url`` and ``ledger`` fixtures, to be bound by name:
+    ``database_url, ledger = ledger_fixtures()``.
+
+    ``database_url``: a fresh database per test and backend (a temp SQLite file or a throwaway
+    PostgreSQL schema); ``ledger``: a migrated :class:`Ledger` on :data:`PLANS` over it.
+    """
+
+    @pytest.fixture(params=BACKENDS)
+    def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+        if request.param == "sqlite":
+            yield f"sqlite:///{tmp_path / 'ledger.db'}"
+            return
+        from support import PostgresSchema, require_postgres
+
+        schema = PostgresSchema(require_postgres())
+        try:
+            yield schema.url
+        finally:
+            schema.drop()
+
+    @pytest.fixture
+    def ledger(database_url: str) -> Iterator[Ledger]:
+        with Ledger(database_url, plans=PLANS, default_plan="free") as made:
+            made.create_schema()
+            yield made
+
+    return database_url, ledger
+
+
+def spent(ledger: Ledger, subject: str = "u1", feature: str = "api_calls") -> tuple[int, int]:
+    """(used, held) for the subject's current period."""
+    balance = ledger.balance(subject, feature)
+    return balance.used, balance.held
 
 
 def free_port() -> int:
