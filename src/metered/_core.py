@@ -351,11 +351,17 @@ def _load_pending(ctx: Context, subject: str, feature: str) -> Op:
     return credits, [(r[0], r[1], r[2]) for r in hold_rows]
 
 
+def transaction(ctx: Context, body: Op) -> Op:
+    """Run a ``*_in_tx`` operation in its own transaction (rolled back by the driver on error)."""
+    yield ctx.stmts.begin, {}
+    result = yield from body
+    yield ctx.stmts.commit_tx, {}
+    return result
+
+
 def normalize(ctx: Context, subject: str, feature: str) -> Op:
     """Bring one account up to date in its own transaction (expiry, rollover, plan changes)."""
-    yield ctx.stmts.begin, {}
-    yield from normalize_in_tx(ctx, subject, feature, ctx.clock.now_us())
-    yield ctx.stmts.commit_tx, {}
+    return (yield from transaction(ctx, normalize_in_tx(ctx, subject, feature, ctx.clock.now_us())))
 
 
 def normalize_in_tx(ctx: Context, subject: str, feature: str, now: int) -> Op:
@@ -790,10 +796,7 @@ def grant(
     expires_at: int | None,
 ) -> Op:
     _require_metered(ctx, feature)
-    yield ctx.stmts.begin, {}
-    result = yield from grant_in_tx(ctx, subject, feature, units, key, expires_at)
-    yield ctx.stmts.commit_tx, {}
-    return result
+    return (yield from transaction(ctx, grant_in_tx(ctx, subject, feature, units, key, expires_at)))
 
 
 def grant_in_tx(
@@ -900,12 +903,10 @@ def assign_plan(
     period_end: int | None,
     cancel_at_period_end: bool,
 ) -> Op:
-    yield ctx.stmts.begin, {}
-    result = yield from assign_plan_in_tx(
+    body = assign_plan_in_tx(
         ctx, subject, plan, status, period_start, period_end, cancel_at_period_end
     )
-    yield ctx.stmts.commit_tx, {}
-    return result
+    return (yield from transaction(ctx, body))
 
 
 def assign_plan_in_tx(

@@ -214,13 +214,10 @@ class Applier:
 
     def fetched_session(self, session: Obj) -> _core.Op:
         """Apply a checkout session re-fetched from the API (no event id to record)."""
-        stmts = self.ctx.stmts
         now_s = self.ctx.clock.now_us() // 1_000_000
         event = Event(f"sync:{session.get('id')}", "checkout.session.completed", now_s, None, {})
-        yield stmts.begin, {}
-        outcome, subject = yield from self._session(Source(event, session, True, now_s))
-        yield stmts.commit_tx, {}
-        return outcome, subject
+        body = self._session(Source(event, session, True, now_s))
+        return (yield from _core.transaction(self.ctx, body))
 
     def seen(self, event_id: str) -> _core.Op:
         """Whether an event was already processed (a cheap pre-check before re-fetching)."""
