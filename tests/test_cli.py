@@ -167,3 +167,22 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     balance_row = out.split("5. Balance and history")[1].strip().splitlines()[2]
     assert balance_row.split()[:6] == ["pro", "active", "5", "5", "0", "0"]
     assert (tmp_path / "metered.db").exists()  # the embedded SQLite default
+
+
+def test_demo_and_replay_need_no_test_dependencies(tmp_path: Path) -> None:
+    """A user's install has no pytest: the demo must not import it (nor the CLI)."""
+    script = (
+        "import sys; sys.modules['pytest'] = None; sys.modules['hypothesis'] = None\n"
+        "from metered.cli import main\n"
+        "sys.exit(main(['demo']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "METERED_DATABASE_URL": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-> 402" in result.stdout

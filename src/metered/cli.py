@@ -289,7 +289,7 @@ def _export_usage(args: argparse.Namespace) -> None:
 
 @command("webhooks.replay")
 def _webhooks_replay(args: argparse.Namespace) -> None:
-    from metered.testing import sign_stripe_payload
+    from metered._stripe_events import sign_stripe_payload
 
     payload = Path(args.file).read_bytes()
     with _ledger(args) as ledger:

@@ -24,9 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+from metered._stripe_events import StripeEventFactory
 from metered.ledger import Ledger
 from metered.plans import Plan
-from metered.testing import StripeEventFactory
 
 PRICE = "price_demo_pro_monthly"
 WEBHOOK_SECRET = "whsec_metered_demo"
