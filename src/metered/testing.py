@@ -36,11 +36,19 @@ from pathlib import Path
 import pytest
 
 from metered._stripe_events import (  # re-exported: users sign events in their own tests
+    DEFAULT_WEBHOOK_SECRET,
     StripeEventFactory,
+    sign_stripe_payload,
 )
 from metered.clock import ManualClock
 from metered.ledger import AsyncLedger, Ledger
 from metered.plans import Plan
+
+__all__ = [  # the fixtures register themselves; these are for users' own helpers
+    "DEFAULT_WEBHOOK_SECRET",
+    "StripeEventFactory",
+    "sign_stripe_payload",
+]
 
 
 @pytest.fixture
