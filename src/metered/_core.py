@@ -30,6 +30,7 @@ from metered._sql import (
     DELTA_COLUMNS,
     FAR_FUTURE,
     OPERATION_COLUMNS,
+    PRIOR_COLUMNS,
     Statements,
 )
 from metered.clock import Clock, from_us
@@ -431,12 +432,34 @@ def _record(
 # --------------------------------------------------------------------------- unit ops
 
 
+_NO_PRIOR = dict.fromkeys(PRIOR_COLUMNS)
+
+
 def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
-    """Run the decision (and, when it says go, the writes) for one unit operation."""
+    """Run the decision (and, when it says go, the writes) for one unit operation.
+
+    The row it returns also describes the operation already recorded under the key
+    (``p_*``), if any. SQLite reads it in the decision, inside the write transaction. On
+    PostgreSQL the one-statement operation does not: that lookup would cost every call,
+    and would read from the statement's snapshot, taken *before* it waited for the account
+    row lock, so it would miss a same-key twin that committed in between (and deny it for
+    lack of units instead of replaying it). A keyed operation that did not apply reads its
+    prior in a second statement instead, whose snapshot follows the decision.
+    """
     stmts = ctx.stmts
     if stmts.single_statement:
         rows = yield stmts.unit_op[kind], params
-        return dict(zip(stmts.result_columns, rows[0])) if rows else None
+        if not rows:
+            return None
+        row = dict(zip(stmts.result_columns, rows[0]))
+        if not row["applied"]:
+            row.update(_NO_PRIOR)
+            if params["key"] is not None:
+                key = {"subject": params["subject"], "key": params["key"]}
+                prior = yield stmts.prior_by_key, key
+                if prior:
+                    row.update(zip(PRIOR_COLUMNS, prior[0]))
+        return row
     yield stmts.begin, {}
     rows = yield stmts.unit_op[kind], params
     row = dict(zip(stmts.result_columns, rows[0])) if rows else None
@@ -482,7 +505,6 @@ def _check_prior(row: dict[str, Any], feature: str, units: int, now: int) -> str
 
 def consume(ctx: Context, subject: str, feature: str, units: int, key: str | None) -> Op:
     _require_metered(ctx, feature)
-    looked = False
     now = ctx.clock.now_us()  # one instant per operation, kept across retries (_ATTEMPTS)
     for _ in range(_ATTEMPTS):
         params: dict[str, Any] = {
@@ -522,26 +544,9 @@ def consume(ctx: Context, subject: str, feature: str, units: int, key: str | Non
             yield from normalize(ctx, subject, feature)
             continue
         if not row["ok"]:
-            if _look_again(ctx, key, looked):
-                looked = True
-                continue
             return _consume_denied(subject, feature, key, _denial(row), row["available"])
-        # ok, but the key was taken by a request that committed after our snapshot: look again.
+        # ok, yet the key was taken by an operation that had released it again when we looked.
     raise LedgerUnavailable("could not settle the operation after repeated contention")
-
-
-def _look_again(ctx: Context, key: str | None, looked: bool) -> bool:
-    """Whether a keyed denial must be re-decided before it is returned (PostgreSQL only).
-
-    The one-statement operation locks the account row ``FOR UPDATE`` and so decides on its
-    newest values, but reads the prior operation under the same key from the statement's
-    snapshot, taken *before* it waited for that lock. A request with the same key that
-    committed in between has spent the units yet is invisible to the key lookup: without a
-    second look, its twin would be denied for lack of units instead of replayed (or told the
-    key is in flight). The second statement's snapshot sees every commit that preceded the
-    first one's decision. SQLite decides under ``BEGIN IMMEDIATE`` and needs no second look.
-    """
-    return key is not None and ctx.stmts.single_statement and not looked
 
 
 def _consume_denied(
@@ -611,7 +616,6 @@ def reserve(
     ctx: Context, subject: str, feature: str, units: int, key: str | None, ttl_us: int
 ) -> Op:
     _require_metered(ctx, feature)
-    looked = False
     now = ctx.clock.now_us()  # one instant per operation, kept across retries (_ATTEMPTS)
     for _ in range(_ATTEMPTS):
         params: dict[str, Any] = {
@@ -664,9 +668,6 @@ def reserve(
             yield from normalize(ctx, subject, feature)
             continue
         if not row["ok"]:
-            if _look_again(ctx, key, looked):
-                looked = True
-                continue
             return _reservation_denied(subject, feature, units, key, _denial(row), row["available"])
     raise LedgerUnavailable("could not settle the operation after repeated contention")
 

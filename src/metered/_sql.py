@@ -276,14 +276,18 @@ class Statements:
         self.unit_op: dict[str, Stmt] = {}
         self.unit_writes: dict[str, tuple[Stmt, Stmt]] = {}
         self.result_columns = (
-            (*DECISION_COLUMNS, "applied", *PRIOR_COLUMNS)
+            (*DECISION_COLUMNS, "applied")
             if pg
             else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied", *PRIOR_COLUMNS)
         )
         for kind in _OK:
             decision = self._decision_ctes(kind)
-            prior_select = _PRIOR_SELECT if kind in ("consume", "reserve") else _NO_PRIOR
-            prior_join = _PRIOR if kind in ("consume", "reserve") else ""
+            # SQLite reads the key's prior operation in the decision, inside its write
+            # transaction; PostgreSQL reads it in a second statement, only when the first
+            # one did not apply (see _core._unit_statement).
+            keyed = kind in ("consume", "reserve")
+            prior_select = _PRIOR_SELECT if keyed else _NO_PRIOR
+            prior_join = _PRIOR if keyed else ""
             write = self._sub(_WRITES[kind])
             du, dc, dov, dh, recheck = _DELTAS[kind]
             if pg:
@@ -294,8 +298,7 @@ class Statements:
                 self.unit_op[kind] = r(
                     f"WITH {decision}, w1 AS ({write} RETURNING 1), {deltas},"
                     f" w2 AS ({update} RETURNING 1)"
-                    f" SELECT {_DECISION_SELECT}, (SELECT count(*) FROM w1) AS applied,"
-                    f" {prior_select} FROM g{prior_join}"
+                    f" SELECT {_DECISION_SELECT}, EXISTS (SELECT 1 FROM w1) AS applied FROM g"
                 )
             else:
                 # The decision also computes the account deltas, so the update is plain.
@@ -395,6 +398,10 @@ class Statements:
                VALUES (:subject, :id, :key, :feature, :kind, :state, :units, :charged, 0, 0, 0,
                    NULL, :now, :expires_at, :now)
                ON CONFLICT (subject, key) DO NOTHING RETURNING id"""
+        )
+        self.prior_by_key = r(
+            "SELECT id, kind, state, feature, units, charged, remaining_after, expires_at,"
+            " overage FROM metered_operations WHERE subject = :subject AND key = :key"
         )
         self.operation_by_key = r(
             f"SELECT {_OPERATION_SELECT} FROM metered_operations"
