@@ -32,8 +32,8 @@ def test_sync_commit_after_the_connection_died(schema: PostgresSchema) -> None:
     with Ledger(schema.url, plans=PLANS, default_plan="free", pool_size=1) as ledger:
         held = ledger.reserve("user_1", 30, feature="api_calls", key="req-1")
         assert held.ok
-        with ledger._executor._pool.connection() as conn:  # type: ignore[attr-defined]
-            pid = conn.info.backend_pid
+        conn, _ = ledger._executor._idle[-1]  # type: ignore[attr-defined]
+        pid = conn.info.backend_pid
         _terminate(schema.base_url, pid)
 
         with pytest.raises(LedgerUnavailable):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import sqlite3
@@ -355,60 +356,82 @@ def _missing(extra: str, exc: ImportError) -> ConfigurationError:
 
 
 class PsycopgExecutor(SyncExecutor):
-    """A psycopg 3 connection pool with autocommit connections."""
+    """psycopg 3 autocommit connections, each with its own cursor, reused newest-first.
+
+    A unit operation is one statement, so what surrounds it shows: psycopg_pool's checkout
+    and a new cursor per call cost about 60 us, a fifth of a round trip
+    (``benchmarks/bench_ledger.py``). Here a checkout is a ``list.pop`` under a semaphore
+    of ``pool_size`` slots. The stack is LIFO, so a sequential caller keeps using one hot
+    connection (its server process and prepared statements), and extra connections are
+    only opened when threads really overlap. A connection that fails, or is left in a
+    transaction it cannot roll back, is closed instead of being returned.
+    """
 
     def __init__(self, conninfo: str, *, pool_size: int, timeout: float) -> None:
         try:
-            from psycopg_pool import ConnectionPool
+            import psycopg
         except ImportError as exc:
             raise _missing("postgres", exc) from exc
+        self._psycopg = psycopg
         self._errors = _psycopg_errors()
-        self._pool = ConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=pool_size,
-            kwargs={"autocommit": True},
-            timeout=timeout,
-            open=False,
-            name="metered",
-        )
-        self._opened = False
-        self._open_lock = threading.Lock()
-        self._timeout = timeout
+        self._conninfo, self._size, self._timeout = conninfo, pool_size, timeout
+        self._idle: list[tuple[Any, Any]] = []
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._generation = _fork.generation
 
-    def _ensure_open(self) -> None:
-        with self._open_lock:
-            if not self._opened:
-                # Wait for the first connection: requests arriving before it would make the
-                # pool grow a second one and alternate between them, which costs ~90 us each.
-                self._pool.open(wait=False)
-                self._opened = True
-                self._pool.wait(timeout=self._timeout)
+    def _connect(self) -> tuple[Any, Any]:
+        conn = self._psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=max(2, math.ceil(self._timeout))
+        )
+        return conn, conn.cursor()
 
     def run(self, op: Op) -> Any:
+        if _fork.generation != self._generation:
+            # A forked child must not talk on its parent's sockets; psycopg never closes a
+            # connection from a process other than the one that opened it.
+            self._idle, self._generation = [], _fork.generation
+            self._slots = threading.BoundedSemaphore(self._size)
+        if not self._slots.acquire(timeout=self._timeout):
+            raise LedgerUnavailable(
+                f"no PostgreSQL connection free within {self._timeout} s"
+                f" (pool_size={self._size})"
+            )
+        conn = None
         try:
-            if not self._opened:
-                self._ensure_open()
-            with self._pool.connection() as conn:
-                cur = conn.cursor()
+            try:
+                conn, cur = self._idle.pop()
+            except IndexError:
+                conn, cur = self._connect()
 
-                def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-                    cur.execute(stmt.sql, params)
-                    return cur.fetchall() if stmt.returns_rows else []
+            def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+                cur.execute(stmt.sql, params)
+                return cur.fetchall() if stmt.returns_rows else []
 
-                try:
-                    return drive(op, execute)
-                except BaseException:
-                    if not conn.closed and conn.info.transaction_status != 0:
-                        conn.rollback()
-                    raise
+            try:
+                result = drive(op, execute)
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != 0:
+                    conn.rollback()
+                raise
+            self._idle.append((conn, cur))
+            conn = None
+            return result
         except self._errors as exc:
             raise _unavailable(exc) from exc
+        finally:
+            if conn is not None:  # failed: keep it only if it is idle and healthy
+                if not conn.closed and conn.info.transaction_status == 0:
+                    self._idle.append((conn, cur))
+                else:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+            self._slots.release()
 
     def close(self) -> None:
-        if self._opened:
-            self._pool.close()
-            self._opened = False
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 class PsycopgAsyncExecutor(AsyncExecutor):
