@@ -1,7 +1,8 @@
 """The ledger's logic, written once for the sync and the async ledger (sans-IO).
 
 Every operation is a generator: it yields ``(Stmt, params)`` pairs and receives the result
-rows (a list of tuples) back. :class:`metered.ledger.Ledger` drives these generators on a
+rows (a list of tuples) back; a statement that returns no rows gets one empty tuple per row
+it changed. :class:`metered.ledger.Ledger` drives these generators on a
 blocking connection, :class:`metered.ledger.AsyncLedger` on an asyncio one; neither holds
 any business rule of its own. Transactions are explicit statements (``BEGIN``/``COMMIT``),
 and the drivers roll back whatever is left open when a generator raises.
@@ -26,6 +27,7 @@ from typing import Any
 from metered import _fork
 from metered._sql import (
     ACCOUNT_COLUMNS,
+    CHECK_COLUMNS,
     DECISION_VALUES,
     DELTA_COLUMNS,
     FAR_FUTURE,
@@ -438,38 +440,37 @@ _NO_PRIOR = dict.fromkeys(PRIOR_COLUMNS)
 def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     """Run the decision (and, when it says go, the writes) for one unit operation.
 
-    The row it returns also describes the operation already recorded under the key
-    (``p_*``), if any. SQLite reads it in the decision, inside the write transaction. On
-    PostgreSQL the one-statement operation does not: that lookup would cost every call,
-    and would read from the statement's snapshot, taken *before* it waited for the account
-    row lock, so it would miss a same-key twin that committed in between (and deny it for
-    lack of units instead of replaying it). A keyed operation that did not apply reads its
-    prior in a second statement instead, whose snapshot follows the decision.
+    When the operation did not apply and carries a key, the row also describes the
+    operation already recorded under that key (``p_*``), read in a second statement: a
+    lookup in the decision itself would cost every call to serve the rare replay. On
+    PostgreSQL it would also be wrong: the one-statement operation reads from a snapshot
+    taken *before* it waited for the account row lock, so it would miss a same-key twin
+    that committed in between (and deny it for lack of units instead of replaying it). The
+    second statement's snapshot follows the decision. SQLite reads it inside the same
+    ``BEGIN IMMEDIATE`` transaction.
     """
     stmts = ctx.stmts
-    if stmts.single_statement:
-        rows = yield stmts.unit_op[kind], params
-        if not rows:
-            return None
-        row = dict(zip(stmts.result_columns, rows[0]))
-        if not row["applied"]:
-            row.update(_NO_PRIOR)
-            if params["key"] is not None:
-                key = {"subject": params["subject"], "key": params["key"]}
-                prior = yield stmts.prior_by_key, key
-                if prior:
-                    row.update(zip(PRIOR_COLUMNS, prior[0]))
-        return row
-    yield stmts.begin, {}
+    single = stmts.single_statement
+    if not single:
+        yield stmts.begin, {}
     rows = yield stmts.unit_op[kind], params
     row = dict(zip(stmts.result_columns, rows[0])) if rows else None
-    if row is not None and row["ok"] and row["p_id"] is None:
+    if row is not None and not single and row["ok"]:
         bound = {**params, **{f"g_{name}": row[name] for name in DECISION_VALUES}}
         bound.update((name, row[name]) for name in DELTA_COLUMNS)
-        for stmt in stmts.unit_writes[kind]:
-            yield stmt, bound
-        row["applied"] = 1
-    yield stmts.commit_tx, {}
+        write, update = stmts.unit_writes[kind]
+        if (yield write, bound):  # changes nothing when the key is already taken
+            yield update, bound
+            row["applied"] = 1
+    if row is not None and not row["applied"]:
+        row.update(_NO_PRIOR)
+        if params["key"] is not None:
+            key = {"subject": params["subject"], "key": params["key"]}
+            prior = yield stmts.prior_by_key, key
+            if prior:
+                row.update(zip(PRIOR_COLUMNS, prior[0]))
+    if not single:
+        yield stmts.commit_tx, {}
     return row
 
 
@@ -999,20 +1000,10 @@ def check(ctx: Context, subject: str, feature: str) -> Op:
     if metered:
         # The common case is one single-table read: a fresh account row has everything.
         now = ctx.clock.now_us()
-        rows = yield ctx.stmts.account_read, {"subject": subject, "feature": feature}
-        if rows and rows[0][_RECHECK_AT] > now:
-            account = dict(zip(ACCOUNT_COLUMNS, rows[0]))
-            return _check_result(
-                ctx,
-                subject,
-                feature,
-                account["plan"],
-                account["status"],
-                account["access_until"],
-                account,
-                account["period_end"],
-                now,
-            )
+        rows = yield ctx.stmts.check_read, {"subject": subject, "feature": feature}
+        fresh = fresh_check(ctx, subject, feature, rows, now)
+        if fresh is not None:
+            return fresh
     state, account, now = yield from _read_state(ctx, subject, feature, metered)
     return _check_result(
         ctx,
@@ -1027,7 +1018,48 @@ def check(ctx: Context, subject: str, feature: str) -> Op:
     )
 
 
-_RECHECK_AT = ACCOUNT_COLUMNS.index("recheck_at")
+_RECHECK_AT = CHECK_COLUMNS.index("recheck_at")
+_CHECK_FIELDS = set(CheckResult.model_fields)
+
+
+def fresh_check(
+    ctx: Context, subject: str, feature: str, rows: Rows, now: int
+) -> CheckResult | None:
+    """Answer a check of a metered feature from ``ctx.stmts.check_read``'s rows, or None
+    when the account is missing or due for a recheck (run :func:`check` then).
+
+    :func:`_check_result` unrolled for a fresh account row: this is the hot read, which the
+    ledgers also run on its own, without driving a generator.
+    """
+    if not rows or rows[0][_RECHECK_AT] <= now:
+        return None
+    plan, status, entitled, overage_allowed, allowance, used, credit, held, period_end, until = (
+        rows[0][:10]
+    )
+    reason: Reason | None = None
+    remaining = max(max(allowance - used, 0) + credit - held, 0) if entitled else 0
+    if (plan, feature) not in ctx.catalog.grants:
+        reason = "no_entitlement"
+    elif until is not None and until <= now:
+        reason = "subscription_inactive"
+    elif remaining <= 0 and not overage_allowed:
+        reason = "quota_exhausted"
+    return CheckResult._of(
+        {
+            "allowed": reason is None,
+            "reason": reason,
+            "subject": subject,
+            "feature": feature,
+            "plan": plan,
+            "status": status,
+            "metered": True,
+            "usage_remaining": remaining,
+            "limit": allowance,
+            "overage_allowed": bool(overage_allowed),
+            "period_end": _period_datetime(period_end) if period_end is not None else None,
+        },
+        _CHECK_FIELDS,
+    )
 
 
 def _check_result(

@@ -137,11 +137,19 @@ def _unavailable(exc: BaseException) -> LedgerUnavailable:
     return LedgerUnavailable(f"ledger database unavailable: {text}")
 
 
+def _read(stmt: Stmt, params: dict[str, Any]) -> Op:
+    return (yield stmt, params)
+
+
 class SyncExecutor:
     """Runs operations to completion on a blocking connection."""
 
     def run(self, op: Op) -> Any:
         raise NotImplementedError
+
+    def read(self, stmt: Stmt, params: dict[str, Any]) -> Rows:
+        """Run one read-only statement (the ledgers' hot reads skip the generator protocol)."""
+        return self.run(_read(stmt, params))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Release connections."""
@@ -150,6 +158,10 @@ class SyncExecutor:
 class AsyncExecutor:
     async def run(self, op: Op) -> Any:
         raise NotImplementedError
+
+    async def read(self, stmt: Stmt, params: dict[str, Any]) -> Rows:
+        """See :meth:`SyncExecutor.read`."""
+        return await self.run(_read(stmt, params))  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         """Release connections."""
@@ -234,6 +246,16 @@ class SQLiteExecutor(SyncExecutor):
                 self._turn.release()
         return self._run(op, self.connection(), self._turn)
 
+    def read(self, stmt: Stmt, params: dict[str, Any]) -> Rows:
+        if self._memory or _fork.generation != self._generation:
+            return super().read(stmt, params)
+        try:  # no turn to take: in WAL mode readers never wait for the writer
+            return self.connection().execute(stmt.sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if _SQLITE_UNAVAILABLE.search(str(exc)):
+                raise _unavailable(exc) from exc
+            raise
+
     def _run(self, op: Op, conn: sqlite3.Connection, turn: threading.Lock | None) -> Any:
         # SQLite admits one writer at a time, and a writer that finds the database locked
         # polls with sleeps of 1 to 100 ms. Write transactions of one process therefore take
@@ -248,7 +270,12 @@ class SQLiteExecutor(SyncExecutor):
             if turn is not None and sql[0] == "B" and sql.startswith("BEGIN"):
                 self._take_turn(turn)
                 holding = True
-            rows = cur.execute(sql, params).fetchall()
+            if stmt.returns_rows:
+                rows = cur.execute(sql, params).fetchall()
+            else:  # rowcount stays -1 for a statement that starts with WITH
+                before = conn.total_changes
+                cur.execute(sql, params)
+                rows = [()] * (conn.total_changes - before)
             if holding and (sql == "COMMIT" or sql == "ROLLBACK"):
                 holding = False
                 self._end_turn(turn)  # type: ignore[arg-type]
@@ -405,7 +432,7 @@ class PsycopgExecutor(SyncExecutor):
 
             def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
                 cur.execute(stmt.sql, params)
-                return cur.fetchall() if stmt.returns_rows else []
+                return cur.fetchall() if stmt.returns_rows else [()] * max(cur.rowcount, 0)
 
             try:
                 result = drive(op, execute)
@@ -475,7 +502,9 @@ class PsycopgAsyncExecutor(AsyncExecutor):
 
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
                     await cur.execute(stmt.sql, params)
-                    return await cur.fetchall() if stmt.returns_rows else []
+                    if stmt.returns_rows:
+                        return await cur.fetchall()
+                    return [()] * max(cur.rowcount, 0)
 
                 try:
                     return await drive_async(op, execute)
@@ -523,6 +552,10 @@ class AsyncpgExecutor(AsyncExecutor):
             async with self._pool.acquire(timeout=self._timeout) as conn:
 
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
+                    if not stmt.returns_rows:  # the status reads e.g. 'UPDATE 3'
+                        status = await conn.execute(stmt.sql, *stmt.bind(params))
+                        count = status.rsplit(" ", 1)[-1]
+                        return [()] * int(count) if count.isdigit() else []
                     return [tuple(r) for r in await conn.fetch(stmt.sql, *stmt.bind(params))]
 
                 try:

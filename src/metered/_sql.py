@@ -64,6 +64,7 @@ PRIOR_COLUMNS = (
     "p_expires_at",
     "p_overage",
 )
+"""How :mod:`metered._core` names the columns of ``prior_by_key`` (the key's operation)."""
 _SQLITE_EXTRA = tuple(
     name for name in (*DECISION_VALUES, *DELTA_COLUMNS) if name not in DECISION_COLUMNS
 )
@@ -200,14 +201,6 @@ WHERE subject = :subject AND feature = :feature"""
 
 _DELTA_CTE = "x AS (SELECT {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh FROM g WHERE ok{gate})"
 
-_PRIOR = """
-LEFT JOIN metered_operations p ON p.subject = :subject AND p.key = :key"""
-_PRIOR_SELECT = (
-    "p.id AS p_id, p.kind AS p_kind, p.state AS p_state, p.feature AS p_feature,"
-    " p.units AS p_units, p.charged AS p_charged, p.remaining_after AS p_remaining,"
-    " p.expires_at AS p_expires_at, p.overage AS p_overage"
-)
-_NO_PRIOR = ", ".join(f"NULL AS {name}" for name in PRIOR_COLUMNS)
 
 _DECISION_SELECT = ", ".join(f"g.{name}" for name in DECISION_COLUMNS)
 _SQLITE_EXTRA_SELECT = ", ".join(f"g.{name}" for name in _SQLITE_EXTRA if name not in DELTA_COLUMNS)
@@ -232,6 +225,20 @@ ACCOUNT_COLUMNS = (
     "recheck_at",
     "meter",
 )
+CHECK_COLUMNS = (
+    "plan",
+    "status",
+    "entitled",
+    "overage_allowed",
+    "allowance",
+    "used",
+    "credit",
+    "held",
+    "period_end",
+    "access_until",
+    "recheck_at",
+)
+"""What ``check`` reads from a fresh account row (a subset of ``ACCOUNT_COLUMNS``)."""
 OPERATION_COLUMNS = (
     "id",
     "subject",
@@ -278,16 +285,10 @@ class Statements:
         self.result_columns = (
             (*DECISION_COLUMNS, "applied")
             if pg
-            else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied", *PRIOR_COLUMNS)
+            else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied")
         )
         for kind in _OK:
             decision = self._decision_ctes(kind)
-            # SQLite reads the key's prior operation in the decision, inside its write
-            # transaction; PostgreSQL reads it in a second statement, only when the first
-            # one did not apply (see _core._unit_statement).
-            keyed = kind in ("consume", "reserve")
-            prior_select = _PRIOR_SELECT if keyed else _NO_PRIOR
-            prior_join = _PRIOR if keyed else ""
             write = self._sub(_WRITES[kind])
             du, dc, dov, dh, recheck = _DELTAS[kind]
             if pg:
@@ -305,7 +306,7 @@ class Statements:
                 self.unit_op[kind] = r(
                     f"WITH {decision} SELECT {_DECISION_SELECT}, {_SQLITE_EXTRA_SELECT},"
                     f" {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh,"
-                    f" 0 AS applied, {prior_select} FROM g{prior_join}"
+                    " 0 AS applied FROM g"
                 )
                 bound = "g({}) AS (VALUES ({}))".format(
                     ", ".join(DECISION_VALUES), ", ".join(f":g_{name}" for name in DECISION_VALUES)
@@ -354,8 +355,8 @@ class Statements:
             f"SELECT {account_cols} FROM metered_accounts"
             " WHERE subject = :subject AND feature = :feature{lock}"
         )
-        self.account_read = r(
-            f"SELECT {account_cols} FROM metered_accounts"
+        self.check_read = r(
+            f"SELECT {', '.join(CHECK_COLUMNS)} FROM metered_accounts"
             " WHERE subject = :subject AND feature = :feature"
         )
         self.account_upsert = r(

@@ -135,6 +135,10 @@ class Catalog:
                         f"feature {name!r} is metered in one plan and boolean in another"
                     )
         self.metered: dict[str, bool] = kinds
+        self.grants: frozenset[tuple[str, str]] = frozenset(
+            (plan.name, name) for plan in self.plans.values() for name in plan.features
+        )
+        """Every (plan, feature) pair a plan grants, for one-lookup entitlement checks."""
 
     def plan(self, name: str) -> Plan:
         try:

@@ -33,22 +33,30 @@ class _Result(BaseModel):
     def _make(cls: type[_R], **values: Any) -> _R:
         """Build from trusted values, skipping validation (what ``model_construct`` does,
         without its per-call bookkeeping). Missing fields take their defaults."""
-        if _FAST_CONSTRUCT:
-            shape = _SHAPES.get(cls) or _shape(cls)
-            for name, default in shape[1]:
-                if name not in values:
-                    values[name] = default
-            obj: _R = cls.__new__(cls)
-            _set(obj, "__dict__", values)
-            _set(obj, "__pydantic_fields_set__", shape[0])
-            _set(obj, "__pydantic_extra__", None)
-            _set(obj, "__pydantic_private__", None)
-            return obj
-        return cast(_R, cls.model_construct(**values))
+        if not _FAST_CONSTRUCT:
+            return cast(_R, cls.model_construct(**values))
+        fields, defaults = _SHAPES.get(cls) or _shape(cls)
+        if len(values) != len(fields):
+            for name, default in defaults:
+                values.setdefault(name, default)
+        return cls._of(values, fields)
+
+    @classmethod
+    def _of(cls: type[_R], values: dict[str, Any], fields: set[str]) -> _R:
+        """:meth:`_make` from a dict holding every field (``fields`` is their names)."""
+        if not _FAST_CONSTRUCT:
+            return cast(_R, cls.model_construct(**values))
+        obj: _R = _new(cls)
+        _set(obj, "__dict__", values)
+        _set(obj, "__pydantic_fields_set__", fields)
+        _set(obj, "__pydantic_extra__", None)
+        _set(obj, "__pydantic_private__", None)
+        return obj
 
 
 _SHAPES: dict[type[_Result], tuple[set[str], tuple[tuple[str, Any], ...]]] = {}
 _FAST_CONSTRUCT = True
+_new = object.__new__
 
 
 def _shape(cls: type[_Result]) -> tuple[set[str], tuple[tuple[str, Any], ...]]:

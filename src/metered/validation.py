@@ -48,17 +48,24 @@ def _text(value: Any, *, what: str, limit: int, error: type[InvalidInput]) -> st
     return value
 
 
+# Each checks the common, valid case inline; _text finds and words what is wrong.
+
+
 def subject(value: Any) -> str:
+    if type(value) is str and 0 < len(value) <= MAX_SUBJECT and "\x00" not in value:
+        return value
     return _text(value, what="subject", limit=MAX_SUBJECT, error=InvalidSubject)
 
 
 def key(value: Any) -> str | None:
-    if value is None:
-        return None
+    if value is None or (type(value) is str and 0 < len(value) <= MAX_KEY and "\x00" not in value):
+        return value
     return _text(value, what="idempotency key", limit=MAX_KEY, error=InvalidKey)
 
 
 def feature(value: Any) -> str:
+    if type(value) is str and 0 < len(value) <= MAX_FEATURE and "\x00" not in value:
+        return value
     return _text(value, what="feature", limit=MAX_FEATURE, error=InvalidFeature)
 
 
