@@ -1000,8 +1000,9 @@ def check(ctx: Context, subject: str, feature: str) -> Op:
     if metered:
         # The common case is one single-table read: a fresh account row has everything.
         now = ctx.clock.now_us()
-        rows = yield ctx.stmts.check_read, {"subject": subject, "feature": feature}
-        fresh = fresh_check(ctx, subject, feature, rows, now)
+        params = {"subject": subject, "feature": feature}
+        rows = yield ctx.stmts.check_read, params
+        fresh = fresh_check(ctx, params, rows, now)
         if fresh is not None:
             return fresh
     state, account, now = yield from _read_state(ctx, subject, feature, metered)
@@ -1022,17 +1023,17 @@ _RECHECK_AT = CHECK_COLUMNS.index("recheck_at")
 _CHECK_FIELDS = set(CheckResult.model_fields)
 
 
-def fresh_check(
-    ctx: Context, subject: str, feature: str, rows: Rows, now: int
-) -> CheckResult | None:
-    """Answer a check of a metered feature from ``ctx.stmts.check_read``'s rows, or None
-    when the account is missing or due for a recheck (run :func:`check` then).
+def fresh_check(ctx: Context, params: dict[str, Any], rows: Rows, now: int) -> CheckResult | None:
+    """Answer a check of a metered feature from the rows of ``ctx.stmts.check_read`` run
+    with ``params``, or None when the account is missing or due for a recheck (run
+    :func:`check` then).
 
     :func:`_check_result` unrolled for a fresh account row: this is the hot read, which the
     ledgers also run on its own, without driving a generator.
     """
     if not rows or rows[0][_RECHECK_AT] <= now:
         return None
+    subject, feature = params["subject"], params["feature"]
     plan, status, entitled, overage_allowed, allowance, used, credit, held, period_end, until = (
         rows[0][:10]
     )

@@ -250,7 +250,10 @@ class SQLiteExecutor(SyncExecutor):
         if self._memory or _fork.generation != self._generation:
             return super().read(stmt, params)
         try:  # no turn to take: in WAL mode readers never wait for the writer
-            return self.connection().execute(stmt.sql, params).fetchall()
+            cur = getattr(self._local, "reader", None)
+            if cur is None:
+                cur = self._local.reader = self.connection().cursor()
+            return cur.execute(stmt.sql, params).fetchall()
         except sqlite3.OperationalError as exc:
             if _SQLITE_UNAVAILABLE.search(str(exc)):
                 raise _unavailable(exc) from exc
@@ -420,8 +423,7 @@ class PsycopgExecutor(SyncExecutor):
             self._slots = threading.BoundedSemaphore(self._size)
         if not self._slots.acquire(timeout=self._timeout):
             raise LedgerUnavailable(
-                f"no PostgreSQL connection free within {self._timeout} s"
-                f" (pool_size={self._size})"
+                f"no PostgreSQL connection free within {self._timeout} s (pool_size={self._size})"
             )
         conn = None
         try:
@@ -503,7 +505,8 @@ class PsycopgAsyncExecutor(AsyncExecutor):
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
                     await cur.execute(stmt.sql, params)
                     if stmt.returns_rows:
-                        return await cur.fetchall()
+                        rows: Rows = await cur.fetchall()
+                        return rows
                     return [()] * max(cur.rowcount, 0)
 
                 try:

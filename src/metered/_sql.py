@@ -283,9 +283,7 @@ class Statements:
         self.unit_op: dict[str, Stmt] = {}
         self.unit_writes: dict[str, tuple[Stmt, Stmt]] = {}
         self.result_columns = (
-            (*DECISION_COLUMNS, "applied")
-            if pg
-            else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied")
+            (*DECISION_COLUMNS, "applied") if pg else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied")
         )
         for kind in _OK:
             decision = self._decision_ctes(kind)

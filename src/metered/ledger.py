@@ -83,6 +83,7 @@ class _LedgerBase:
             past_due_grace_us=duration_us(past_due_grace),
             ids=_core._Ids(),
         )
+        self._check_stmt = self._ctx.stmts.check_read
         self._start()
 
     def _start(self) -> None:
@@ -109,15 +110,14 @@ class _LedgerBase:
     def _op_check(self, subject: str, feature: str | None) -> _core.Op:
         return _core.check(self._ctx, check_input.subject(subject), self._feature(feature))
 
-    def _check_read(
-        self, subject: str, feature: str | None
-    ) -> tuple[str, str, dict[str, Any] | None]:
-        """Validate a check: (subject, feature, parameters of ``stmts.check_read`` when the
-        feature is metered, whose one row answers it unless the account needs a recheck)."""
-        subject, feature = check_input.subject(subject), self._feature(feature)
+    def _check_read(self, subject: str, feature: str | None) -> dict[str, Any] | None:
+        """Validate a check of a metered feature and return the parameters of
+        ``stmts.check_read``, whose one row answers it unless the account needs a recheck
+        (:func:`metered._core.fresh_check`); None for a boolean feature."""
+        feature = self._feature(feature)
         if not self.catalog.feature_is_metered(feature):
-            return subject, feature, None
-        return subject, feature, {"subject": subject, "feature": feature}
+            return None
+        return {"subject": check_input.subject(subject), "feature": feature}
 
     def _op_consume(
         self, subject: str, units: int, feature: str | None, key: str | None
@@ -249,14 +249,14 @@ class Ledger(_LedgerBase):
 
     def check(self, subject: str, feature: str | None = None) -> CheckResult:
         """May ``subject`` use ``feature`` now, and how much is left? One read; never writes."""
-        subject, feature, params = self._check_read(subject, feature)
+        params = self._check_read(subject, feature)
         if params is not None:
             now = self.clock.now_us()
-            rows = self._executor.read(self._ctx.stmts.check_read, params)
-            result = _core.fresh_check(self._ctx, subject, feature, rows, now)
+            rows = self._executor.read(self._check_stmt, params)
+            result = _core.fresh_check(self._ctx, params, rows, now)
             if result is not None:
                 return result
-        return self._executor.run(_core.check(self._ctx, subject, feature))  # type: ignore[no-any-return]
+        return self._executor.run(self._op_check(subject, feature))  # type: ignore[no-any-return]
 
     def consume(
         self, subject: str, units: int, *, feature: str | None = None, key: str | None = None
@@ -365,14 +365,14 @@ class AsyncLedger(_LedgerBase):
 
     async def check(self, subject: str, feature: str | None = None) -> CheckResult:
         """See :meth:`Ledger.check`."""
-        subject, feature, params = self._check_read(subject, feature)
+        params = self._check_read(subject, feature)
         if params is not None:
             now = self.clock.now_us()
-            rows = await self._executor.read(self._ctx.stmts.check_read, params)
-            result = _core.fresh_check(self._ctx, subject, feature, rows, now)
+            rows = await self._executor.read(self._check_stmt, params)
+            result = _core.fresh_check(self._ctx, params, rows, now)
             if result is not None:
                 return result
-        return await self._executor.run(_core.check(self._ctx, subject, feature))  # type: ignore[no-any-return]
+        return await self._executor.run(self._op_check(subject, feature))  # type: ignore[no-any-return]
 
     async def consume(
         self, subject: str, units: int, *, feature: str | None = None, key: str | None = None

@@ -14,7 +14,6 @@ from typing import Any, Literal, TypeVar, cast
 from pydantic import BaseModel, ConfigDict
 
 _R = TypeVar("_R", bound="_Result")
-_set = object.__setattr__
 
 Reason = Literal[
     "no_entitlement",
@@ -47,16 +46,27 @@ class _Result(BaseModel):
         if not _FAST_CONSTRUCT:
             return cast(_R, cls.model_construct(**values))
         obj: _R = _new(cls)
-        _set(obj, "__dict__", values)
-        _set(obj, "__pydantic_fields_set__", fields)
-        _set(obj, "__pydantic_extra__", None)
-        _set(obj, "__pydantic_private__", None)
+        _set_dict(obj, values)
+        _set_fields(obj, fields)
+        _set_extra(obj, None)
+        _set_private(obj, None)
         return obj
 
 
 _SHAPES: dict[type[_Result], tuple[set[str], tuple[tuple[str, Any], ...]]] = {}
 _FAST_CONSTRUCT = True
 _new = object.__new__
+# BaseModel's instance slots, set through their descriptors (what object.__setattr__ ends
+# up calling, minus the lookup). _fast_construct_works() checks the result at import.
+_set_dict, _set_fields, _set_extra, _set_private = (
+    getattr(BaseModel.__dict__.get(name), "__set__", None) or (lambda obj, value: None)
+    for name in (
+        "__dict__",
+        "__pydantic_fields_set__",
+        "__pydantic_extra__",
+        "__pydantic_private__",
+    )
+)
 
 
 def _shape(cls: type[_Result]) -> tuple[set[str], tuple[tuple[str, Any], ...]]:
