@@ -1,0 +1,99 @@
+"""The async SQLite executor's group commit: many operations per transaction, each isolated."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metered import AsyncLedger, Ledger, LedgerUnavailable
+from metered._core import Op
+from metered._drivers import SQLiteAsyncExecutor, SQLiteExecutor
+from support import PLANS
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    path = str(tmp_path / "ledger.db")
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
+        ledger.create_schema()
+        ledger.assign_plan("user_1", "free")
+        assert ledger.consume("user_1", 1, feature="api_calls").ok  # the account row exists
+    return path
+
+
+async def test_concurrent_tasks_share_transactions_and_spend_exactly(path: str) -> None:
+    commits: list[int] = []
+    async with AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
+        executor = ledger._executor
+        assert isinstance(executor, SQLiteAsyncExecutor)
+        run_batch = executor._sync.run_batch
+
+        def counting(ops: list[Op]) -> list[tuple[bool, Any]]:
+            commits.append(len(ops))
+            return run_batch(ops)
+
+        executor._sync.run_batch = counting  # type: ignore[method-assign]
+        before = (await ledger.balance("user_1", "api_calls")).usage_remaining
+        results = await asyncio.gather(
+            *(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}") for i in range(300))
+        )
+        replays = await asyncio.gather(
+            *(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}") for i in range(300))
+        )
+        balance = await ledger.balance("user_1", "api_calls")
+    granted = sum(r.ok for r in results)
+    assert granted == min(before, 300)
+    assert all(r.reason == "quota_exhausted" for r in results if not r.ok)
+    assert balance.usage_remaining == before - granted  # replays charged nothing
+    assert sum(r.replayed for r in replays) == granted
+    assert max(commits) > 1, "concurrent operations should have shared a transaction"
+    assert sum(commits) == 300 + 300 + 2
+
+
+def test_an_operation_that_fails_rolls_back_alone(path: str) -> None:
+    executor = SQLiteExecutor(path)
+    ledger = Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    stmts = ledger._ctx.stmts
+    grant_sql = "UPDATE metered_accounts SET credit = credit + 7 WHERE subject = 'user_1'"
+
+    def failing() -> Op:
+        yield stmts.begin, {}
+        yield type(stmts.begin)(grant_sql, (), "named", False), {}
+        raise RuntimeError("the handler blew up mid-transaction")
+
+    try:
+        ops = [
+            ledger._op_consume("user_1", 2, "api_calls", "before"),
+            failing(),
+            ledger._op_consume("user_1", 3, "api_calls", "after"),
+        ]
+        first, middle, last = executor.run_batch(ops)
+        assert first[0] and first[1].consumed == 2
+        assert not middle[0] and isinstance(middle[1], RuntimeError)
+        assert last[0] and last[1].consumed == 3
+        balance = ledger.balance("user_1", "api_calls")
+        assert (balance.used, balance.credits) == (1 + 2 + 3, 0)  # the +7 credit is gone
+    finally:
+        executor.close()
+        ledger.close()
+
+
+async def test_every_waiter_hears_when_the_database_cannot_open(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/no/such/dir/ledger.db"
+    async with AsyncLedger(url, plans=PLANS, default_plan="free") as ledger:
+        outcomes = await asyncio.gather(
+            *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(20)),
+            return_exceptions=True,
+        )
+    assert all(isinstance(o, LedgerUnavailable) for o in outcomes)
+
+
+async def test_closed_ledger_refuses_new_work(path: str) -> None:
+    ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    assert (await ledger.consume("user_1", 1, feature="api_calls")).ok
+    await ledger.close()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.consume("user_1", 1, feature="api_calls")
