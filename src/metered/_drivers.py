@@ -5,11 +5,12 @@ statements rendered once at start-up: no ORM and no SQL compilation per call. SQ
 parses URLs and owns schema and migrations (:mod:`metered.migrate`).
 
 * SQLite: one ``sqlite3`` connection per thread (WAL, ``BEGIN IMMEDIATE`` per operation).
-  The async ledger runs each whole operation on a small thread pool, so the event loop never
-  waits on file I/O.
-* PostgreSQL: psycopg 3 pools (``psycopg_pool``, sync or async over the same driver) with
-  autocommit connections, so a single-statement operation is exactly one round trip; or an
-  asyncpg pool when the URL asks for ``postgresql+asyncpg``.
+  The async ledger runs operations on one worker thread, many per transaction (group
+  commit), so the event loop never waits on file I/O.
+* PostgreSQL: autocommit psycopg 3 connections, so a single-statement operation is exactly
+  one round trip: kept in a LIFO stack with their cursors by the sync ledger, in a
+  ``psycopg_pool`` async pool by the async one; or an asyncpg pool when the URL asks for
+  ``postgresql+asyncpg``.
 """
 
 from __future__ import annotations

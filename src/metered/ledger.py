@@ -333,7 +333,7 @@ class Ledger(_LedgerBase):
         return self._executor.run(op)
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the ledger's database connections."""
         self._executor.close()
 
     def __enter__(self) -> Ledger:
@@ -346,8 +346,9 @@ class Ledger(_LedgerBase):
 class AsyncLedger(_LedgerBase):
     """The same ledger for asyncio code; takes the same URLs and picks an async driver.
 
-    SQLite operations run on a worker thread, PostgreSQL ones on psycopg's async connections
-    (or asyncpg for ``postgresql+asyncpg://``): the event loop never blocks on the database.
+    SQLite operations run on one worker thread that commits concurrent ones together,
+    PostgreSQL ones on psycopg's async connections (or asyncpg for ``postgresql+asyncpg://``):
+    the event loop never blocks on the database.
     """
 
     _asynchronous = True
@@ -449,7 +450,7 @@ class AsyncLedger(_LedgerBase):
         return await self._executor.run(op)
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the ledger's database connections (and its SQLite worker thread)."""
         await self._executor.close()
 
     async def __aenter__(self) -> AsyncLedger:
