@@ -114,8 +114,13 @@ class _LedgerBase:
         """Validate a check of a metered feature and return the parameters of
         ``stmts.check_read``, whose one row answers it unless the account needs a recheck
         (:func:`metered._core.fresh_check`); None for a boolean feature."""
-        feature = self._feature(feature)
-        if not self.catalog.feature_is_metered(feature):
+        kinds = self.catalog.metered
+        if type(feature) is str and feature in kinds:  # a configured name needs no checks
+            metered = kinds[feature]
+        else:
+            feature = self._feature(feature)
+            metered = self.catalog.feature_is_metered(feature)
+        if not metered:
             return None
         return {"subject": check_input.subject(subject), "feature": feature}
 
