@@ -225,19 +225,7 @@ ACCOUNT_COLUMNS = (
     "recheck_at",
     "meter",
 )
-CHECK_COLUMNS = (
-    "plan",
-    "status",
-    "entitled",
-    "overage_allowed",
-    "allowance",
-    "used",
-    "credit",
-    "held",
-    "period_end",
-    "access_until",
-    "recheck_at",
-)
+CHECK_COLUMNS = (*ACCOUNT_COLUMNS[:8], "period_end", "access_until", "recheck_at")
 """What ``check`` reads from a fresh account row (a subset of ``ACCOUNT_COLUMNS``)."""
 OPERATION_COLUMNS = (
     "id",
