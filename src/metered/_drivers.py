@@ -178,6 +178,11 @@ _SQLITE_UNAVAILABLE = re.compile(
 )
 
 
+_SPIN_S = 0.0003
+"""How long a writer yields the CPU in a loop before it sleeps, waiting for another process's
+write turn. Transactions last tens of microseconds, and even a 50 us ``time.sleep`` wakes
+late (timer slack), so most waits end within the spin."""
+
 _TURNS: dict[str, threading.Lock] = {}
 _TURNS_LOCK = threading.Lock()
 
@@ -365,9 +370,10 @@ class SQLiteExecutor(SyncExecutor):
         """Become the one writer: first among this process's threads, then among processes.
 
         Between processes the turn is an ``flock`` on the database file (independent of the
-        POSIX locks SQLite itself uses), polled with backoff from 50 us to 1 ms: waiting
-        writers get in within a millisecond of each other instead of sleeping in SQLite's
-        busy handler for up to 100 ms.
+        POSIX locks SQLite itself uses), polled: yielding the CPU for the first ``_SPIN_S``,
+        then sleeping with backoff from 50 us to 1 ms. Waiting writers get in within
+        microseconds to a millisecond of each other instead of sleeping in SQLite's busy
+        handler for up to 100 ms.
         """
         deadline = time.monotonic() + self._timeout
         if not turn.acquire(timeout=self._timeout):
@@ -376,16 +382,23 @@ class SQLiteExecutor(SyncExecutor):
         if fd is None:
             return
         delay = 0.00005
+        spin_until = 0.0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     turn.release()
                     raise LedgerUnavailable(
                         f"timed out after {self._timeout} s waiting to write to SQLite"
                     ) from None
+                if not spin_until:
+                    spin_until = now + _SPIN_S
+                if now < spin_until:
+                    os.sched_yield()
+                    continue
                 time.sleep(delay)
                 delay = min(delay * 2, 0.001)
 
