@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,24 @@ async def test_closed_ledger_refuses_new_work(path: str) -> None:
     await ledger.close()
     with pytest.raises(LedgerUnavailable):
         await ledger.consume("user_1", 1, feature="api_calls")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_worker(path: str) -> None:
+    url = f"sqlite:///{path}"
+    ledger = AsyncLedger(url, plans=PLANS, default_plan="free")
+    assert asyncio.run(ledger.consume("user_1", 1, feature="api_calls", key="parent")).ok
+    pid = os.fork()  # the parent's worker thread does not exist in the child
+    if pid == 0:  # pragma: no cover - runs in the child
+        signal.alarm(20)  # a hang fails the test instead of blocking it
+        try:
+            result = asyncio.run(ledger.consume("user_1", 1, feature="api_calls", key="child"))
+            os._exit(0 if result.ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    asyncio.run(ledger.close())
+    with Ledger(url, plans=PLANS, default_plan="free") as check:
+        keys = {entry.key for entry in check.history("user_1")}
+    assert {"parent", "child"} <= keys

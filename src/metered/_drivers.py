@@ -450,20 +450,23 @@ class SQLiteAsyncExecutor(AsyncExecutor):
 
     async def run(self, op: Op) -> Any:
         future = asyncio.get_running_loop().create_future()
+        if self._generation != _fork.generation:
+            # A forked child has no worker thread, and the parent may have forked while
+            # holding the condition's lock: start over with fresh ones.
+            self._cond, self._queue, self._thread = threading.Condition(), [], None
+            self._generation = _fork.generation
         with self._cond:
             if self._closed:
                 raise LedgerUnavailable("the ledger is closed")
-            if self._thread is None or self._generation != _fork.generation:
-                self._start()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="metered-sqlite", daemon=True
+                )
+                self._thread.start()
             self._queue.append((op, future))
             if len(self._queue) == 1:
                 self._cond.notify()
         return await future
-
-    def _start(self) -> None:
-        self._generation, self._queue = _fork.generation, []
-        self._thread = threading.Thread(target=self._work, name="metered-sqlite", daemon=True)
-        self._thread.start()
 
     def _work(self) -> None:
         while True:
