@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
 from metered import AsyncLedger, Ledger, LedgerUnavailable
+from metered._sql import render
 from support import PLANS, PostgresSchema, require_postgres
 
 pytestmark = pytest.mark.postgres
@@ -60,3 +65,44 @@ def test_async_consume_after_the_connection_died(schema: PostgresSchema) -> None
             assert (await led.balance("user_1", "api_calls")).used == 20
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_touches_the_parents_connections(schema: PostgresSchema) -> None:
+    with Ledger(schema.url, plans=PLANS, default_plan="free") as ledger:
+        assert ledger.consume("user_1", 1, feature="api_calls").ok  # the parent holds a conn
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            signal.alarm(20)
+            try:
+                ledger.close()  # must not end the parent's session on the shared socket
+                ok = ledger.consume("user_1", 1, feature="api_calls").ok  # its own connection
+                os._exit(0 if ok else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ledger.consume("user_1", 1, feature="api_calls").ok
+        assert ledger.balance("user_1", "api_calls").used == 3
+
+
+def test_close_while_an_operation_runs_closes_its_connection_too(schema: PostgresSchema) -> None:
+    ledger = Ledger(schema.url, plans=PLANS, default_plan="free")
+    assert ledger.consume("user_1", 1, feature="api_calls").ok
+    backend_pid = render("SELECT pg_backend_pid()", "pyformat")
+
+    def closed_meanwhile() -> Any:
+        rows = yield backend_pid, {}
+        ledger.close()  # as another thread would, while this operation holds a connection
+        return rows[0][0]
+
+    pid = ledger._executor.run(closed_meanwhile())
+    assert ledger._executor._idle == []  # type: ignore[attr-defined]
+    with psycopg.connect(schema.base_url, autocommit=True) as admin:
+        for _ in range(100):  # the server notices the closed socket within moments
+            alive = admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if alive.fetchone() is None:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the connection in use during close() was kept open")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from metered import AsyncLedger, Ledger, LedgerUnavailable
 from metered._core import Op
-from metered._drivers import SQLiteAsyncExecutor, SQLiteExecutor
+from metered._drivers import SQLiteAsyncExecutor, SQLiteExecutor, _turn_for
 from support import PLANS
 
 
@@ -120,3 +122,66 @@ def test_a_forked_child_gets_its_own_worker(path: str) -> None:
     with Ledger(url, plans=PLANS, default_plan="free") as check:
         keys = {entry.key for entry in check.history("user_1")}
     assert {"parent", "child"} <= keys
+
+
+async def test_a_batch_that_cannot_begin_writes_nothing(path: str) -> None:
+    """Another program holds SQLite's write lock (without metered's turn): every queued
+    operation is refused after one wait, none runs outside a transaction."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with AsyncLedger(
+            f"sqlite:///{path}", plans=PLANS, default_plan="free", timeout=0.3
+        ) as ledger:
+            outcomes = await asyncio.gather(
+                *(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}") for i in range(12)),
+                return_exceptions=True,
+            )
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert all(isinstance(o, LedgerUnavailable) for o in outcomes)
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
+        assert ledger.balance("user_1", "api_calls").used == 1  # only the fixture's unit
+
+
+async def test_tasks_cancelled_while_queued_are_not_charged(path: str) -> None:
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the worker's first batch waits on SQLite's lock
+    async with AsyncLedger(
+        f"sqlite:///{path}", plans=PLANS, default_plan="free", timeout=5
+    ) as ledger:
+        first = asyncio.ensure_future(ledger.consume("user_1", 1, feature="api_calls", key="a"))
+        await asyncio.sleep(0.05)  # the worker has taken it and is waiting to begin
+        queued = [
+            asyncio.ensure_future(ledger.consume("user_1", 1, feature="api_calls", key=f"q{i}"))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0.01)
+        for task in queued:
+            task.cancel()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert (await first).ok
+        await asyncio.gather(*queued, return_exceptions=True)
+        balance = await ledger.balance("user_1", "api_calls")
+    assert balance.used == 1 + 1  # the fixture's unit and the first task's
+
+
+async def test_a_batch_that_cannot_get_the_write_turn_waits_once(path: str) -> None:
+    turn = _turn_for(path)  # as another thread of this process writing would hold it
+    turn.acquire()
+    try:
+        async with AsyncLedger(
+            f"sqlite:///{path}", plans=PLANS, default_plan="free", timeout=0.3
+        ) as ledger:
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}") for i in range(12)),
+                return_exceptions=True,
+            )
+            waited = time.monotonic() - started
+    finally:
+        turn.release()
+    assert all(isinstance(o, LedgerUnavailable) for o in outcomes)
+    assert waited < 1.5, f"each operation waited out the timeout again ({waited:.2f} s)"

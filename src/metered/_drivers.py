@@ -187,6 +187,16 @@ _TURNS: dict[str, threading.Lock] = {}
 _TURNS_LOCK = threading.Lock()
 
 
+def _forget_turns() -> None:
+    """In a forked child: the parent's threads may have held turns; they are not ours."""
+    global _TURNS_LOCK
+    _TURNS.clear()
+    _TURNS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_turns)
+
+
 def _turn_for(path: str) -> threading.Lock:
     """One lock per database file per process, shared by every ledger on that file."""
     key = path if path == ":memory:" else os.path.realpath(path)
@@ -241,7 +251,7 @@ class SQLiteExecutor(SyncExecutor):
     def run(self, op: Op) -> Any:
         if _fork.generation != self._generation:  # forked: share neither connections nor locks
             self._local, self._all, self._generation = threading.local(), [], _fork.generation
-            self._shared, self._turn, self._lock_file = None, threading.Lock(), None
+            self._shared, self._turn, self._lock_file = None, _turn_for(self._path), None
         if self._memory:  # one connection for every thread: whole operations take turns
             if not self._turn.acquire(timeout=self._timeout):
                 raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")
@@ -317,15 +327,29 @@ class SQLiteExecutor(SyncExecutor):
         conn, turn = self.connection(), self._turn
         cur = conn.cursor()
         began = in_savepoint = False
+        refused: BaseException | None = None  # why the batch could not begin: tell the rest
 
         def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-            nonlocal began, in_savepoint
+            nonlocal began, in_savepoint, refused
             sql = stmt.sql
             if sql.startswith("BEGIN"):
+                if refused is not None:
+                    raise refused
                 if not began:
-                    self._take_turn(turn)
+                    try:
+                        self._take_turn(turn)
+                    except LedgerUnavailable as exc:
+                        refused = exc
+                        raise
+                    try:
+                        cur.execute("BEGIN IMMEDIATE")
+                    except sqlite3.Error as exc:
+                        self._end_turn(turn)
+                        refused = _unavailable(exc)
+                        raise refused from exc
                     began = True
-                    cur.execute("BEGIN IMMEDIATE")
+                elif not conn.in_transaction:  # SQLite rolled the whole batch back itself
+                    raise LedgerUnavailable("SQLite aborted the transaction")
                 sql, in_savepoint = "SAVEPOINT op", True
             elif sql == "COMMIT":
                 sql, in_savepoint = "RELEASE op", False
@@ -477,6 +501,10 @@ class SQLiteAsyncExecutor(AsyncExecutor):
                     return
                 batch = self._queue[: self._BATCH]
                 del self._queue[: self._BATCH]
+            # Cancelled while queued (a timeout, a client that went away): never started.
+            batch = [(op, future) for op, future in batch if not future.cancelled()]
+            if not batch:
+                continue
             try:
                 outcomes = self._sync.run_batch([op for op, _ in batch])
             except BaseException as exc:  # e.g. no connection: every waiter hears of it
@@ -548,6 +576,8 @@ class PsycopgExecutor(SyncExecutor):
         self._idle: list[tuple[Any, Any]] = []
         self._slots = threading.BoundedSemaphore(pool_size)
         self._generation = _fork.generation
+        self._epoch = 0
+        """Moves on at close(): connections checked out before it are closed, not kept."""
 
     def _connect(self) -> tuple[Any, Any]:
         conn = self._psycopg.connect(
@@ -555,17 +585,22 @@ class PsycopgExecutor(SyncExecutor):
         )
         return conn, conn.cursor()
 
+    def _forget_parent(self) -> None:
+        """After a fork: drop, never close, the parent's connections (psycopg does not
+        close a connection from a process other than the one that opened it; an explicit
+        close() would end the parent's session)."""
+        self._idle, self._generation = [], _fork.generation
+        self._slots = threading.BoundedSemaphore(self._size)
+
     def run(self, op: Op) -> Any:
         if _fork.generation != self._generation:
-            # A forked child must not talk on its parent's sockets; psycopg never closes a
-            # connection from a process other than the one that opened it.
-            self._idle, self._generation = [], _fork.generation
-            self._slots = threading.BoundedSemaphore(self._size)
-        if not self._slots.acquire(timeout=self._timeout):
+            self._forget_parent()
+        slots, epoch = self._slots, self._epoch
+        if not slots.acquire(timeout=self._timeout):
             raise LedgerUnavailable(
                 f"no PostgreSQL connection free within {self._timeout} s (pool_size={self._size})"
             )
-        conn = None
+        conn = cur = None
         try:
             try:
                 conn, cur = self._idle.pop()
@@ -577,26 +612,27 @@ class PsycopgExecutor(SyncExecutor):
                 return cur.fetchall() if stmt.returns_rows else [()] * max(cur.rowcount, 0)
 
             try:
-                result = drive(op, execute)
+                return drive(op, execute)
             except BaseException:
                 if not conn.closed and conn.info.transaction_status != 0:
                     conn.rollback()
                 raise
-            self._idle.append((conn, cur))
-            conn = None
-            return result
         except self._errors as exc:
             raise _unavailable(exc) from exc
         finally:
-            if conn is not None:  # failed: keep it only if it is idle and healthy
-                if not conn.closed and conn.info.transaction_status == 0:
+            if conn is not None:  # keep it only if it is idle, healthy and not closed under us
+                if epoch == self._epoch and not conn.closed and conn.info.transaction_status == 0:
                     self._idle.append((conn, cur))
                 else:
                     with contextlib.suppress(Exception):
                         conn.close()
-            self._slots.release()
+            slots.release()
 
     def close(self) -> None:
+        if _fork.generation != self._generation:
+            self._forget_parent()
+            return
+        self._epoch += 1
         idle, self._idle = self._idle, []
         for conn, _ in idle:
             with contextlib.suppress(Exception):
