@@ -621,7 +621,7 @@ class PsycopgExecutor(SyncExecutor):
             raise _unavailable(exc) from exc
         finally:
             if conn is not None:  # keep it only if it is idle, healthy and not closed under us
-                if epoch == self._epoch and not conn.closed and conn.info.transaction_status == 0:
+                if epoch == self._epoch and not conn.closed and conn.pgconn.transaction_status == 0:
                     self._idle.append((conn, cur))
                 else:
                     with contextlib.suppress(Exception):
