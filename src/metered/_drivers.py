@@ -183,6 +183,21 @@ _SPIN_S = 0.0003
 write turn. Transactions last tens of microseconds, and even a 50 us ``time.sleep`` wakes
 late (timer slack), so most waits end within the spin."""
 
+
+def _sqlite_rows(
+    conn: sqlite3.Connection, cur: sqlite3.Cursor, sql: str, params: Any, returns_rows: bool
+) -> Rows:
+    """The statement's rows, or one empty tuple per row it changed (see :mod:`metered._core`).
+
+    Counted with ``total_changes``: ``rowcount`` stays -1 for a statement that starts with WITH.
+    """
+    if returns_rows:
+        return cur.execute(sql, params).fetchall()
+    before = conn.total_changes
+    cur.execute(sql, params)
+    return [()] * (conn.total_changes - before)
+
+
 _TURNS: dict[str, threading.Lock] = {}
 _TURNS_LOCK = threading.Lock()
 
@@ -288,12 +303,7 @@ class SQLiteExecutor(SyncExecutor):
             if turn is not None and sql[0] == "B" and sql.startswith("BEGIN"):
                 self._take_turn(turn)
                 holding = True
-            if stmt.returns_rows:
-                rows = cur.execute(sql, params).fetchall()
-            else:  # rowcount stays -1 for a statement that starts with WITH
-                before = conn.total_changes
-                cur.execute(sql, params)
-                rows = [()] * (conn.total_changes - before)
+            rows = _sqlite_rows(conn, cur, sql, params, stmt.returns_rows)
             if holding and (sql == "COMMIT" or sql == "ROLLBACK"):
                 holding = False
                 self._end_turn(turn)  # type: ignore[arg-type]
@@ -353,11 +363,7 @@ class SQLiteExecutor(SyncExecutor):
                 sql, in_savepoint = "SAVEPOINT op", True
             elif sql == "COMMIT":
                 sql, in_savepoint = "RELEASE op", False
-            if stmt.returns_rows:
-                return cur.execute(sql, params).fetchall()
-            before = conn.total_changes
-            cur.execute(sql, params)
-            return [()] * (conn.total_changes - before)
+            return _sqlite_rows(conn, cur, sql, params, stmt.returns_rows)
 
         outcomes: list[tuple[bool, Any]] = []
         try:
