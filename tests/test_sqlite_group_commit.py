@@ -267,3 +267,31 @@ def test_concurrent_batches_keep_the_books(
     assert all(len(amounts) == 1 for amounts in by_key.values()), by_key  # replays agree
     committed = [line for line in history if line.state == "committed"]
     assert sum(line.charged or 0 for line in committed) == charged
+
+
+def test_a_batch_whose_begin_fails_commits_none_of_it(path: str) -> None:
+    """BEGIN IMMEDIATE fails (another program writes without metered's turn); if that writer
+    finishes mid-batch, the later operations must not run as transactions of their own."""
+    ledger = Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    executor = SQLiteExecutor(path, busy_timeout=0.3)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    def after_the_other_writer(op: Op) -> Op:
+        other.execute("COMMIT")
+        return (yield from op)
+
+    try:
+        ops = [
+            ledger._op_consume("user_1", 1, "api_calls", "k0"),
+            after_the_other_writer(ledger._op_consume("user_1", 1, "api_calls", "k1")),
+            ledger._op_consume("user_1", 1, "api_calls", "k2"),
+        ]
+        outcomes = executor.run_batch(ops)
+        assert [ok for ok, _ in outcomes] == [False, False, False]
+        assert all(isinstance(error, LedgerUnavailable) for _, error in outcomes)
+        assert ledger.balance("user_1", "api_calls").used == 1  # only the fixture's unit
+    finally:
+        other.close()
+        executor.close()
+        ledger.close()
