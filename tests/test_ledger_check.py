@@ -9,9 +9,18 @@ from typing import Any
 import pytest
 
 from ledger_support import snapshot
-from metered import CheckResult, ManualClock, UnknownFeature
+from metered import CheckResult, ManualClock, UnknownFeature, _core
 
 UTC = timezone.utc
+
+
+@pytest.fixture(autouse=True, params=["one-read", "full-path"])
+def check_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs twice: with check's one-read answer (``fresh_check``), and with
+    it turned off so that the full path (``_check_result``) answers. The unrolled copy must
+    agree with the rules it copies."""
+    if request.param == "full-path":
+        monkeypatch.setattr(_core, "fresh_check", lambda *args: None)
 
 
 def test_check_fields(ledger: Any) -> None:
