@@ -35,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: threads still take turns, processes do not
     fcntl = None  # type: ignore[assignment]
 
-from metered import _fork
+from metered import _fork, _sqlite_wal
 from metered._core import Op, Rows
 from metered._sql import ParamStyle, Statements, Stmt
 from metered.errors import ConfigurationError, LedgerUnavailable
@@ -232,6 +232,10 @@ class SQLiteExecutor(SyncExecutor):
         self._lock_file: int | None = None
         self._all: list[sqlite3.Connection] = []
         self._generation = _fork.generation
+        self._checkpointer = self._new_checkpointer()
+
+    def _new_checkpointer(self) -> _sqlite_wal.Checkpointer | None:
+        return None if self._memory else _sqlite_wal.Checkpointer(self._path)
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -241,12 +245,7 @@ class SQLiteExecutor(SyncExecutor):
         except sqlite3.Error as exc:
             raise _unavailable(exc) from exc
         try:
-            if not self._memory:
-                conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + synchronous=NORMAL: a commit survives a crash of the application; only an
-            # OS crash or power loss can lose the last transactions (SQLite's advice for WAL).
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+            _sqlite_wal.configure(conn, memory=self._memory, busy_timeout=self._timeout)
         except sqlite3.Error as exc:
             conn.close()
             raise _unavailable(exc) from exc
@@ -267,6 +266,7 @@ class SQLiteExecutor(SyncExecutor):
         if _fork.generation != self._generation:  # forked: share neither connections nor locks
             self._local, self._all, self._generation = threading.local(), [], _fork.generation
             self._shared, self._turn, self._lock_file = None, _turn_for(self._path), None
+            self._checkpointer = self._new_checkpointer()  # the parent's thread is not ours
         if self._memory:  # one connection for every thread: whole operations take turns
             if not self._turn.acquire(timeout=self._timeout):
                 raise LedgerUnavailable(f"timed out after {self._timeout} s waiting for SQLite")
@@ -437,6 +437,8 @@ class SQLiteExecutor(SyncExecutor):
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         turn.release()
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
 
     def _lock_fd(self) -> int | None:
         if fcntl is None:
@@ -446,6 +448,9 @@ class SQLiteExecutor(SyncExecutor):
         return self._lock_file
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = self._new_checkpointer()
         for conn in self._all:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -527,8 +532,11 @@ class SQLiteAsyncExecutor(AsyncExecutor):
             self._closed = True
             self._cond.notify()
             thread = self._thread
+        await asyncio.get_running_loop().run_in_executor(None, self._finish, thread)
+
+    def _finish(self, thread: threading.Thread | None) -> None:
         if thread is not None and thread is not threading.current_thread():
-            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+            thread.join()
         self._sync.close()
 
 

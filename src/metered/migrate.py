@@ -11,9 +11,11 @@ from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
+
+from metered import _sqlite_wal
 
 VERSION_TABLE = "metered_alembic_version"
 _LOCK_ID = 0x6D657465726564  # "metered"
@@ -28,6 +30,14 @@ def _config(connection: Connection) -> Config:
 
 def _with_connection(sqlalchemy_url: str, action: str, revision: str) -> str | None:
     engine = create_engine(sqlalchemy_url, poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        # A new file gets the ledger's page size before its first table (see _sqlite_wal).
+        memory = engine.url.database in (None, "", ":memory:")
+        event.listen(
+            engine,
+            "connect",
+            lambda conn, _: _sqlite_wal.configure(conn, memory=memory, busy_timeout=30.0),
+        )
     try:
         with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
