@@ -27,9 +27,8 @@ from typing import Any
 from metered import _fork
 from metered._sql import (
     ACCOUNT_COLUMNS,
+    APPLIED_COLUMNS,
     CHECK_COLUMNS,
-    DECISION_VALUES,
-    DELTA_COLUMNS,
     FAR_FUTURE,
     OPERATION_COLUMNS,
     PRIOR_COLUMNS,
@@ -438,7 +437,11 @@ _NO_PRIOR = dict.fromkeys(PRIOR_COLUMNS)
 
 
 def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
-    """Run the decision (and, when it says go, the writes) for one unit operation.
+    """Run the decision and, when it says go, the writes of one unit operation.
+
+    PostgreSQL does all of it in one statement. SQLite, inside ``BEGIN IMMEDIATE``: one
+    statement decides and writes the operation, returning the account deltas only if it
+    applied; then the account update. Only a refusal reads the decision again, to say why.
 
     When the operation did not apply and carries a key, the row also describes the
     operation already recorded under that key (``p_*``), read in a second statement: a
@@ -451,18 +454,24 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     """
     stmts = ctx.stmts
     single = stmts.single_statement
-    if not single:
+    if single:
+        rows = yield stmts.unit_op[kind], params
+        row = dict(zip(stmts.result_columns, rows[0])) if rows else None
+        if row is not None and row["applied"]:
+            row["remaining"] = max(row["available"] - params["units"], 0)
+            return row
+    else:
         yield stmts.begin, {}
-    rows = yield stmts.unit_op[kind], params
-    row = dict(zip(stmts.result_columns, rows[0])) if rows else None
-    if row is not None and not single and row["ok"]:
-        bound = {**params, **{f"g_{name}": row[name] for name in DECISION_VALUES}}
-        bound.update((name, row[name]) for name in DELTA_COLUMNS)
-        write, update = stmts.unit_writes[kind]
-        if (yield write, bound):  # changes nothing when the key is already taken
-            yield update, bound
+        rows = yield stmts.unit_apply[kind], params
+        if rows:
+            row = dict(zip(APPLIED_COLUMNS, rows[0]))
+            yield stmts.unit_account[kind], {**params, **row}
+            yield stmts.commit_tx, {}
             row["applied"] = 1
-    if row is not None and not row["applied"]:
+            return row
+        rows = yield stmts.unit_op[kind], params  # why not: the decision alone
+        row = dict(zip(stmts.result_columns, rows[0])) if rows else None
+    if row is not None:
         row.update(_NO_PRIOR)
         if params["key"] is not None:
             key = {"subject": params["subject"], "key": params["key"]}
@@ -574,7 +583,7 @@ def _charged(
     return ConsumeResult._make(
         ok=True,
         consumed=units,
-        usage_remaining=_remaining_after(row, units),
+        usage_remaining=row["remaining"],
         replayed=False,
         reason=None,
         subject=subject,
@@ -583,10 +592,6 @@ def _charged(
         entry_id=entry_id,
         overage=row["take_overage"],
     )
-
-
-def _remaining_after(row: dict[str, Any], units: int) -> int:
-    return max(int(row["available"]) - units, 0)
 
 
 def _ensure_account(ctx: Context, subject: str, feature: str) -> Op:
@@ -643,7 +648,7 @@ def reserve(
                 units=units,
                 key=key,
                 expires_at=from_us(params["expires_at"]),
-                usage_remaining=_remaining_after(row, units),
+                usage_remaining=row["remaining"],
                 reason=None,
                 replayed=False,
                 consumed=0,
@@ -777,10 +782,10 @@ def release(ctx: Context, reservation: Reservation) -> Op:
         "expires_at": None,
     }
     row = yield from _unit_statement(ctx, "release", params)
+    if row is not None and row["applied"]:
+        return True
     if row is None or row["r_state"] is None:
         raise ReservationNotFound("no such reservation for this subject")
-    if row["applied"]:
-        return True
     if row["r_state"] == "committed":
         raise ReservationSettled("the reservation was already committed", state="committed")
     return False

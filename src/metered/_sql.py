@@ -41,18 +41,9 @@ DECISION_COLUMNS = (
     "r_state",
     "r_expires_at",
 )
-DECISION_VALUES = (
-    "ok",
-    "available",
-    "take_allowance",
-    "take_credit",
-    "take_overage",
-    "held_units",
-    "meter",
-)
-"""The decision values the SQLite writes read back through ``g``."""
-DELTA_COLUMNS = ("du", "dc", "dov", "dh")
-"""The account deltas (used, credit spent, overage, held) the SQLite account update binds."""
+APPLIED_COLUMNS = ("du", "dc", "dov", "dh", "remaining", "take_overage")
+"""What SQLite's ``unit_apply`` returns when it applied: the account deltas (used, credit
+spent, overage, held) its ``unit_account`` update binds, and the result's figures."""
 PRIOR_COLUMNS = (
     "p_id",
     "p_kind",
@@ -65,9 +56,6 @@ PRIOR_COLUMNS = (
     "p_overage",
 )
 """How :mod:`metered._core` names the columns of ``prior_by_key`` (the key's operation)."""
-_SQLITE_EXTRA = tuple(
-    name for name in (*DECISION_VALUES, *DELTA_COLUMNS) if name not in DECISION_COLUMNS
-)
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -184,6 +172,15 @@ _WRITES = {
     ),
 }
 
+# What SQLite's write returns for APPLIED_COLUMNS, from the row it wrote (RETURNING cannot
+# read the decision CTE): each operation records the split it applied.
+_APPLIED = {
+    "consume": "from_allowance, from_credit, overage, 0, remaining_after, overage",
+    "reserve": "0, 0, 0, units, remaining_after, 0",
+    "commit": "from_allowance, from_credit, overage, -units, remaining_after, overage",
+    "release": "0, 0, 0, -units, 0, 0",
+}
+
 # Account deltas per operation: (used, credit spent, overage, held, recheck_at).
 _DELTAS = {
     "consume": ("take_allowance", "take_credit", "take_overage", "0", "recheck_at"),
@@ -203,7 +200,6 @@ _DELTA_CTE = "x AS (SELECT {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh FROM
 
 
 _DECISION_SELECT = ", ".join(f"g.{name}" for name in DECISION_COLUMNS)
-_SQLITE_EXTRA_SELECT = ", ".join(f"g.{name}" for name in _SQLITE_EXTRA if name not in DELTA_COLUMNS)
 
 _SUBJECT_COLUMNS = (
     "plan, status, interval_months, period_anchor, period_start, period_end,"
@@ -266,13 +262,14 @@ class Statements:
         self.commit_tx = r("COMMIT")
         self.rollback_tx = r("ROLLBACK")
 
-        # Unit operations: the decision (SQLite) or decision + writes (PostgreSQL), and for
-        # SQLite the writes on their own, reading the decision from bound values.
+        # Unit operations. PostgreSQL: ``unit_op`` decides and writes in one statement.
+        # SQLite has no data-modifying CTEs: ``unit_apply`` decides and writes the operation
+        # (returning APPLIED_COLUMNS only if it applied), ``unit_account`` then updates the
+        # account, and ``unit_op`` is the decision alone, read to explain a refusal.
         self.unit_op: dict[str, Stmt] = {}
-        self.unit_writes: dict[str, tuple[Stmt, Stmt]] = {}
-        self.result_columns = (
-            (*DECISION_COLUMNS, "applied") if pg else (*DECISION_COLUMNS, *_SQLITE_EXTRA, "applied")
-        )
+        self.unit_apply: dict[str, Stmt] = {}
+        self.unit_account: dict[str, Stmt] = {}
+        self.result_columns = (*DECISION_COLUMNS, "applied")
         for kind in _OK:
             decision = self._decision_ctes(kind)
             write = self._sub(_WRITES[kind])
@@ -288,18 +285,12 @@ class Statements:
                     f" SELECT {_DECISION_SELECT}, EXISTS (SELECT 1 FROM w1) AS applied FROM g"
                 )
             else:
-                # The decision also computes the account deltas, so the update is plain.
                 self.unit_op[kind] = r(
-                    f"WITH {decision} SELECT {_DECISION_SELECT}, {_SQLITE_EXTRA_SELECT},"
-                    f" {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh,"
-                    " 0 AS applied FROM g"
+                    f"WITH {decision} SELECT {_DECISION_SELECT}, 0 AS applied FROM g"
                 )
-                bound = "g({}) AS (VALUES ({}))".format(
-                    ", ".join(DECISION_VALUES), ", ".join(f":g_{name}" for name in DECISION_VALUES)
-                )
-                self.unit_writes[kind] = (
-                    r(f"WITH {bound} {write}"),
-                    r(self._account_update(recheck, ":du", ":dc", ":dov", ":dh", "")),
+                self.unit_apply[kind] = r(f"WITH {decision} {write} RETURNING {_APPLIED[kind]}")
+                self.unit_account[kind] = r(
+                    self._account_update(recheck, ":du", ":dc", ":dov", ":dh", "")
                 )
 
         # Normalisation, plan assignment, grants, reads: plain statements run by Python logic.
