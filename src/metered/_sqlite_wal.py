@@ -22,10 +22,10 @@ import sqlite3
 import threading
 
 PAGE_SIZE = 1024
-CHECKPOINT_EVERY = 200
-"""Write transactions between two background checkpoints (a few hundred KiB of WAL)."""
-AUTOCHECKPOINT_PAGES = 8000
-"""SQLite's own checkpoint, the backstop: 8 MiB of WAL at 1 KiB pages."""
+CHECKPOINT_EVERY = 1000
+"""Write transactions between two background checkpoints (a few MiB of WAL at 1 KiB pages)."""
+AUTOCHECKPOINT_PAGES = 16_000
+"""SQLite's own checkpoint, the backstop: 16 MiB of WAL at 1 KiB pages."""
 
 
 def configure(conn: sqlite3.Connection, *, memory: bool, busy_timeout: float) -> None:
