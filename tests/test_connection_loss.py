@@ -106,3 +106,68 @@ def test_close_while_an_operation_runs_closes_its_connection_too(schema: Postgre
             time.sleep(0.02)
         else:
             pytest.fail("the connection in use during close() was kept open")
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "postgresql+asyncpg"])
+def test_a_burst_of_first_calls_opens_one_pool(
+    schema: PostgresSchema, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request of a server's first burst used to open a pool of its own; the spares
+    were left behind, and psycopg's were closed under the requests still using them."""
+    import asyncpg
+    import psycopg_pool
+
+    opened: list[object] = []
+    psycopg_pool_class = psycopg_pool.AsyncConnectionPool
+    create_pool = asyncpg.create_pool
+
+    class CountedPool(psycopg_pool_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            opened.append(self)
+            super().__init__(*args, **kwargs)
+
+    def counted_create_pool(*args: Any, **kwargs: Any) -> Any:
+        opened.append(object())
+        return create_pool(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg_pool, "AsyncConnectionPool", CountedPool)
+    monkeypatch.setattr(asyncpg, "create_pool", counted_create_pool)
+    url = schema.url.replace("postgresql://", f"{driver}://", 1)
+
+    async def scenario() -> None:
+        async with AsyncLedger(url, plans=PLANS, default_plan="free") as ledger:
+            results = await asyncio.gather(
+                *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(32))
+            )
+            assert all(result.ok for result in results)
+            assert (await ledger.balance("user_1", "api_calls")).used == 32
+
+    asyncio.run(scenario())
+    assert len(opened) == 1
+
+
+def test_a_pool_kept_busy_from_its_first_moment_stays_open(schema: PostgresSchema) -> None:
+    """psycopg's ``pool.wait()`` closes a pool for good unless it holds ``min_size`` idle
+    connections within the timeout; requests using its first connection the moment it
+    opens prevent that, and every call after it failed with "the pool is already closed"."""
+
+    with Ledger(schema.url, plans=PLANS, default_plan="free") as ledger:
+        ledger.grant("user_1", 100_000, feature="api_calls")
+
+    async def scenario() -> None:
+        async with AsyncLedger(schema.url, plans=PLANS, default_plan="free", timeout=0.3) as led:
+            deadline = asyncio.get_running_loop().time() + 1.0  # > three timeouts
+
+            async def spend() -> int:
+                spent = 0
+                while asyncio.get_running_loop().time() < deadline:
+                    assert (await led.consume("user_1", 1, feature="api_calls")).ok
+                    spent += 1
+                return spent
+
+            spent = sum(await asyncio.gather(*(spend() for _ in range(16))))
+            assert (await led.balance("user_1", "api_calls")).usage_remaining == (
+                100 + 100_000 - spent
+            )
+
+    asyncio.run(scenario())

@@ -156,8 +156,17 @@ class SyncExecutor:
 
 
 class AsyncExecutor:
+    _open_lock: asyncio.Lock | None = None
+    _open_loop: asyncio.AbstractEventLoop | None = None
+
     async def run(self, op: Op) -> Any:
         raise NotImplementedError
+
+    def _opening(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
+        """One lock per event loop: a burst of first calls opens one pool, not one each."""
+        if self._open_lock is None or self._open_loop is not loop:
+            self._open_lock, self._open_loop = asyncio.Lock(), loop
+        return self._open_lock
 
     async def read(self, stmt: Stmt, params: dict[str, Any]) -> Rows:
         """See :meth:`SyncExecutor.read`."""
@@ -670,20 +679,25 @@ class PsycopgAsyncExecutor(AsyncExecutor):
         from psycopg_pool import AsyncConnectionPool
 
         loop = asyncio.get_running_loop()
-        if self._pool is None or self._loop is not loop:
-            # A pool belongs to one event loop; a new loop (e.g. per test) gets its own.
-            pool = AsyncConnectionPool(
-                self._conninfo,
-                min_size=1,
-                max_size=self._size,
-                timeout=self._timeout,
-                kwargs={"autocommit": True},
-                open=False,
-                name="metered-async",
-            )
-            await pool.open(wait=False)
-            self._pool, self._loop = pool, loop
-            await pool.wait(timeout=self._timeout)  # see PsycopgExecutor._ensure_open
+        if self._pool is not None and self._loop is loop:
+            return self._pool
+        async with self._opening(loop):
+            if self._pool is None or self._loop is not loop:
+                # A pool belongs to one event loop; a new loop (e.g. per test) gets its own.
+                pool = AsyncConnectionPool(
+                    self._conninfo,
+                    min_size=1,
+                    max_size=self._size,
+                    timeout=self._timeout,
+                    kwargs={"autocommit": True},
+                    open=False,
+                    name="metered-async",
+                )
+                # No ``pool.wait()``: it closes the pool for good when the pool is not *full*
+                # in time, which a burst of requests using its first connection prevents.
+                # ``connection()`` waits up to ``timeout`` for a connection instead.
+                await pool.open(wait=False)
+                self._pool, self._loop = pool, loop
         return self._pool
 
     async def run(self, op: Op) -> Any:
@@ -738,10 +752,12 @@ class AsyncpgExecutor(AsyncExecutor):
         try:
             loop = asyncio.get_running_loop()
             if self._pool is None or self._loop is not loop:
-                self._pool = await self._asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=self._size, timeout=self._timeout
-                )
-                self._loop = loop
+                async with self._opening(loop):
+                    if self._pool is None or self._loop is not loop:
+                        self._pool = await self._asyncpg.create_pool(
+                            self._dsn, min_size=1, max_size=self._size, timeout=self._timeout
+                        )
+                        self._loop = loop
             async with self._pool.acquire(timeout=self._timeout) as conn:
 
                 async def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
