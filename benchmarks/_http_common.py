@@ -304,14 +304,14 @@ def print_table(results: dict[str, list[Result]], baseline: str) -> None:
     best = {v: max(rs, key=lambda r: r.rps) for v, rs in results.items()}
     base = best.get(baseline)
     print()
-    print(f"| variant | req/s | p50 ms | p99 ms | vs {baseline} | runs (req/s) |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(f"| variant | req/s | p50 ms | p99 ms | vs {baseline} | errors | runs (req/s) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for variant, result in best.items():
         ratio = f"{result.rps / base.rps:.2f}x" if base else "-"
         runs = ", ".join(f"{r.rps:.0f}" for r in results[variant])
         print(
             f"| {variant} | {result.rps:.0f} | {result.p50_ms:.2f} | {result.p99_ms:.2f} | "
-            f"{ratio} | {runs} |"
+            f"{ratio} | {result.errors} | {runs} |"
         )
     if base and "consumes-sqlite" in best:
         target = best["consumes-sqlite"].rps / base.rps
