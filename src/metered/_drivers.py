@@ -23,6 +23,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -244,7 +245,12 @@ class SQLiteExecutor(SyncExecutor):
         self._checkpointer = self._new_checkpointer()
 
     def _new_checkpointer(self) -> _sqlite_wal.Checkpointer | None:
-        return None if self._memory else _sqlite_wal.Checkpointer(self._path)
+        if self._memory:
+            return None
+        checkpointer = _sqlite_wal.Checkpointer(self._path)
+        # A ledger dropped without close() must not leave its thread and connection behind.
+        weakref.finalize(self, checkpointer.close, 0)
+        return checkpointer
 
     def _connect(self) -> sqlite3.Connection:
         try:

@@ -7,6 +7,7 @@ application's own Alembic history. On PostgreSQL an advisory lock makes concurre
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 
 from alembic import command
@@ -30,14 +31,14 @@ def _config(connection: Connection) -> Config:
 
 def _with_connection(sqlalchemy_url: str, action: str, revision: str) -> str | None:
     engine = create_engine(sqlalchemy_url, poolclass=NullPool)
-    if engine.dialect.name == "sqlite":
+    database = engine.url.database
+    new_file = database not in (None, "", ":memory:") and not (
+        os.path.exists(database) and os.path.getsize(database)
+    )
+    if engine.dialect.name == "sqlite" and action == "upgrade" and new_file:
         # A new file gets the ledger's page size before its first table (see _sqlite_wal).
-        memory = engine.url.database in (None, "", ":memory:")
-        event.listen(
-            engine,
-            "connect",
-            lambda conn, _: _sqlite_wal.configure(conn, memory=memory, busy_timeout=30.0),
-        )
+        # Existing files are left alone: ``current`` must stay read-only.
+        event.listen(engine, "connect", lambda conn, _: _sqlite_wal.configure_new(conn))
     try:
         with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
