@@ -31,19 +31,19 @@ AUTOCHECKPOINT_PAGES = 16_000
 """SQLite's own checkpoint, the backstop: 16 MiB of WAL at 1 KiB pages."""
 
 
-def configure_new(conn: sqlite3.Connection) -> None:
-    """Give a file that is still empty the ledger's page size, and WAL mode."""
-    conn.execute("PRAGMA busy_timeout=30000")
+def configure_new(conn: sqlite3.Connection, *, busy_timeout: float = 30.0) -> None:
+    """Give a file that is still empty the ledger's page size, and WAL mode (no-ops later)."""
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode=WAL")
 
 
 def configure(conn: sqlite3.Connection, *, memory: bool, busy_timeout: float) -> None:
-    """Apply metered's settings to a new connection (``page_size`` only bites on a new file)."""
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-    if not memory:
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
+    """Apply metered's settings to a connection the ledger opens."""
+    if memory:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    else:
+        configure_new(conn, busy_timeout=busy_timeout)
         conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
     # WAL + synchronous=NORMAL: a commit survives a crash of the application; only an OS
     # crash or power loss can lose the last transactions (SQLite's advice for WAL).
@@ -68,7 +68,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.done = 0
-        """Checkpoints run so far (for tests and curiosity)."""
+        """Checkpoints so far that copied WAL frames into the file (for tests and curiosity)."""
 
     def wrote(self) -> None:
         """Count one write transaction (approximately, across threads: that is enough)."""
@@ -98,8 +98,9 @@ class Checkpointer:
                         conn = sqlite3.connect(
                             self._path, isolation_level=None, check_same_thread=False
                         )
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    self.done += 1
+                    busy, _, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not busy and copied > 0:
+                        self.done += 1
                 except sqlite3.Error:
                     if conn is not None:
                         with contextlib.suppress(sqlite3.Error):
