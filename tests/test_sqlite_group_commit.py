@@ -24,6 +24,7 @@ from metered import (
 )
 from metered._core import Op
 from metered._drivers import SQLiteAsyncExecutor, SQLiteExecutor, _turn_for
+from metered._sql import Stmt
 from support import PLANS
 
 
@@ -293,5 +294,68 @@ def test_a_batch_whose_begin_fails_commits_none_of_it(path: str) -> None:
         assert ledger.balance("user_1", "api_calls").used == 1  # only the fixture's unit
     finally:
         other.close()
+        executor.close()
+        ledger.close()
+
+
+_TWICE_THE_SAME_CREDIT = (
+    "INSERT INTO metered_credits (subject, id, feature, units, remaining, expires_at, created_at)"
+    " VALUES ('user_1', 1, 'api_calls', 7, 7, NULL, 0), ('user_1', 1, 'api_calls', 7, 7, NULL, 0)"
+)
+
+
+def test_a_standalone_write_that_fails_rolls_back_alone(path: str) -> None:
+    """A one-statement operation runs in the batch without a savepoint: SQLite must undo the
+    failed statement's first row, and nothing else."""
+    ledger = Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    executor = SQLiteExecutor(path)
+    stmt = Stmt(_TWICE_THE_SAME_CREDIT, (), "named", returns_rows=False, standalone_write=True)
+
+    def failing() -> Op:
+        yield stmt, {}  # the second row breaks the primary key after the first was written
+
+    try:
+        first, middle, last = executor.run_batch(
+            [
+                ledger._op_consume("user_1", 2, "api_calls", "before"),
+                failing(),
+                ledger._op_consume("user_1", 3, "api_calls", "after"),
+            ]
+        )
+        assert first[0] and first[1].consumed == 2
+        assert not middle[0] and isinstance(middle[1], sqlite3.IntegrityError)
+        assert last[0] and last[1].consumed == 3
+        assert ledger.balance("user_1", "api_calls").used == 1 + 2 + 3
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT count(*) FROM metered_credits").fetchone() == (0,)
+    finally:
+        executor.close()
+        ledger.close()
+
+
+def test_a_batch_that_sqlite_rolls_back_fails_every_operation(path: str) -> None:
+    """Some errors (SQLITE_FULL, SQLITE_IOERR) make SQLite roll the whole transaction back:
+    the operations before it in the batch were undone too and must not be reported done."""
+    ledger = Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    executor = SQLiteExecutor(path)
+
+    def rolled_back(op: Op) -> Op:
+        result = yield from op
+        yield Stmt("ROLLBACK", (), "named", returns_rows=False), {}  # as SQLite would
+        return result
+
+    try:
+        outcomes = executor.run_batch(
+            [
+                ledger._op_consume("user_1", 2, "api_calls", "k0"),
+                rolled_back(ledger._op_consume("user_1", 3, "api_calls", "k1")),
+                ledger._op_consume("user_1", 4, "api_calls", "k2"),
+            ]
+        )
+        assert [ok for ok, _ in outcomes] == [False, False, False]
+        assert all(isinstance(error, LedgerUnavailable) for _, error in outcomes)
+        assert ledger.balance("user_1", "api_calls").used == 1  # only the fixture's unit
+        assert {line.key for line in ledger.history("user_1")} == {None}
+    finally:
         executor.close()
         ledger.close()

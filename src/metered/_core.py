@@ -439,9 +439,10 @@ _NO_PRIOR = dict.fromkeys(PRIOR_COLUMNS)
 def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     """Run the decision and, when it says go, the writes of one unit operation.
 
-    PostgreSQL does all of it in one statement. SQLite, inside ``BEGIN IMMEDIATE``: one
-    statement decides and writes the operation, returning the account deltas only if it
-    applied; then the account update. Only a refusal reads the decision again, to say why.
+    PostgreSQL does all of it in one statement. So does SQLite, whose triggers apply the
+    account update (migration 0004): the statement decides and writes the operation,
+    returning the figures only if it applied. Only a refusal reads the decision again, to
+    say why.
 
     When the operation did not apply and carries a key, the row also describes the
     operation already recorded under that key (``p_*``), read in a second statement: a
@@ -449,24 +450,20 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     PostgreSQL it would also be wrong: the one-statement operation reads from a snapshot
     taken *before* it waited for the account row lock, so it would miss a same-key twin
     that committed in between (and deny it for lack of units instead of replaying it). The
-    second statement's snapshot follows the decision. SQLite reads it inside the same
-    ``BEGIN IMMEDIATE`` transaction.
+    second statement's snapshot follows the decision. Either statement may see a newer
+    state than the refused write did; the callers then try again (``_ATTEMPTS``).
     """
     stmts = ctx.stmts
-    single = stmts.single_statement
-    if single:
+    if stmts.single_statement:
         rows = yield stmts.unit_op[kind], params
         row = dict(zip(stmts.result_columns, rows[0])) if rows else None
         if row is not None and row["applied"]:
             row["remaining"] = max(row["available"] - params["units"], 0)
             return row
     else:
-        yield stmts.begin, {}
         rows = yield stmts.unit_apply[kind], params
         if rows:
             row = dict(zip(APPLIED_COLUMNS, rows[0]))
-            yield stmts.unit_account[kind], {**params, **row}
-            yield stmts.commit_tx, {}
             row["applied"] = 1
             return row
         rows = yield stmts.unit_op[kind], params  # why not: the decision alone
@@ -478,8 +475,6 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
             prior = yield stmts.prior_by_key, key
             if prior:
                 row.update(zip(PRIOR_COLUMNS, prior[0]))
-    if not single:
-        yield stmts.commit_tx, {}
     return row
 
 
@@ -750,6 +745,8 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
             raise _settled_error(row, now)
         if not row["fresh"]:
             yield from normalize(ctx, subject, feature)
+            continue
+        if row["ok"]:  # SQLite: the refusal was read after another write changed the balance
             continue
         return ConsumeResult._make(
             ok=False,

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows: threads still take turns, pro
 
 from metered import _fork, _sqlite_wal
 from metered._core import Op, Rows
-from metered._sql import ParamStyle, Statements, Stmt
+from metered._sql import SQLITE_ACCOUNT_TRIGGERS, ParamStyle, Statements, Stmt
 from metered.errors import ConfigurationError, LedgerUnavailable
 
 DEFAULT_URL = "sqlite:///metered.db"
@@ -208,6 +208,24 @@ def _sqlite_rows(
     return [()] * (conn.total_changes - before)
 
 
+_TRIGGER_COUNT = (
+    "SELECT coalesce(sum(type = 'table' AND name = 'metered_operations'), 0),"
+    " coalesce(sum(type = 'trigger' AND name IN ({})), 0) FROM sqlite_master".format(
+        ", ".join(f"'{name}'" for name in SQLITE_ACCOUNT_TRIGGERS)
+    )
+)
+
+
+def _lacks_account_triggers(conn: sqlite3.Connection) -> bool:
+    """A file with the ledger's tables but not their triggers (made before migration 0004).
+
+    Unit operations rely on the triggers to update balances. A file without tables yet is
+    fine: ``create_schema()`` creates both at once.
+    """
+    tables, triggers = conn.execute(_TRIGGER_COUNT).fetchone()
+    return bool(tables) and triggers < len(SQLITE_ACCOUNT_TRIGGERS)
+
+
 _TURNS: dict[str, threading.Lock] = {}
 _TURNS_LOCK = threading.Lock()
 
@@ -261,9 +279,16 @@ class SQLiteExecutor(SyncExecutor):
             raise _unavailable(exc) from exc
         try:
             _sqlite_wal.configure(conn, memory=self._memory, busy_timeout=self._timeout)
+            outdated = _lacks_account_triggers(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise _unavailable(exc) from exc
+        if outdated:
+            conn.close()
+            raise LedgerUnavailable(
+                "the ledger schema predates this version of metered (its balances would not"
+                " move); run `metered db upgrade` or create_schema()"
+            )
         self._all.append(conn)
         return conn
 
@@ -315,9 +340,16 @@ class SQLiteExecutor(SyncExecutor):
         def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
             nonlocal holding
             sql = stmt.sql
-            if turn is not None and sql[0] == "B" and sql.startswith("BEGIN"):
-                self._take_turn(turn)
-                holding = True
+            if turn is not None and not holding:
+                if stmt.standalone_write:  # its own transaction: the turn for just this one
+                    self._take_turn(turn)
+                    try:
+                        return _sqlite_rows(conn, cur, sql, params, stmt.returns_rows)
+                    finally:
+                        self._end_turn(turn)
+                if sql[0] == "B" and sql.startswith("BEGIN"):
+                    self._take_turn(turn)
+                    holding = True
             rows = _sqlite_rows(conn, cur, sql, params, stmt.returns_rows)
             if holding and (sql == "COMMIT" or sql == "ROLLBACK"):
                 holding = False
@@ -341,11 +373,13 @@ class SQLiteExecutor(SyncExecutor):
                 self._end_turn(turn)  # type: ignore[arg-type]
 
     def run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
-        """Run ``ops`` in one write transaction, each in a savepoint; ``(ok, result or error)``.
+        """Run ``ops`` in one write transaction; ``(ok, result or error)`` for each.
 
-        Each operation's own ``BEGIN``/``COMMIT`` become a savepoint and its release; one
-        that fails is rolled back to its savepoint. The batch's transaction starts at the
-        first ``BEGIN`` and commits once at the end; if that fails, every operation fails.
+        A statement that is a transaction by itself (``standalone_write``) runs as it is:
+        SQLite undoes a failed statement alone. An operation's own ``BEGIN``/``COMMIT``
+        become a savepoint and its release, and one that fails is rolled back to its
+        savepoint. The batch's transaction starts at the first write and commits once at
+        the end; if that fails, or an error makes SQLite roll it back, every operation fails.
         """
         if _fork.generation != self._generation or self._memory:
             return [self._outcome(self.run, op) for op in ops]
@@ -354,27 +388,32 @@ class SQLiteExecutor(SyncExecutor):
         began = in_savepoint = False
         refused: BaseException | None = None  # why the batch could not begin: tell the rest
 
+        def begin() -> None:
+            nonlocal began, refused
+            if refused is not None:
+                raise refused
+            if began:
+                return
+            try:
+                self._take_turn(turn)
+            except LedgerUnavailable as exc:
+                refused = exc
+                raise
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self._end_turn(turn)
+                refused = _unavailable(exc)
+                raise refused from exc
+            began = True
+
         def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
-            nonlocal began, in_savepoint, refused
+            nonlocal in_savepoint
             sql = stmt.sql
-            if sql.startswith("BEGIN"):
-                if refused is not None:
-                    raise refused
-                if not began:
-                    try:
-                        self._take_turn(turn)
-                    except LedgerUnavailable as exc:
-                        refused = exc
-                        raise
-                    try:
-                        cur.execute("BEGIN IMMEDIATE")
-                    except sqlite3.Error as exc:
-                        self._end_turn(turn)
-                        refused = _unavailable(exc)
-                        raise refused from exc
-                    began = True
-                elif not conn.in_transaction:  # SQLite rolled the whole batch back itself
-                    raise LedgerUnavailable("SQLite aborted the transaction")
+            if stmt.standalone_write and not in_savepoint:
+                begin()
+            elif sql.startswith("BEGIN"):
+                begin()
                 sql, in_savepoint = "SAVEPOINT op", True
             elif sql == "COMMIT":
                 sql, in_savepoint = "RELEASE op", False
@@ -384,6 +423,8 @@ class SQLiteExecutor(SyncExecutor):
         try:
             for op in ops:
                 outcomes.append(self._outcome(lambda op: drive(op, execute), op))
+                if began and not conn.in_transaction:  # e.g. SQLITE_FULL rolls back it all
+                    raise sqlite3.OperationalError("SQLite rolled the transaction back")
                 if in_savepoint:  # the operation failed inside its transaction: undo it
                     cur.execute("ROLLBACK TO op")
                     cur.execute("RELEASE op")

@@ -10,9 +10,10 @@ that follow read the decision from a relation named ``g``:
   account row is locked with ``FOR UPDATE`` so concurrent operations on a subject serialise
   on it and always see its newest values; the idempotency key's unique index is the arbiter
   between two requests with the same key.
-* on SQLite, which has no data-modifying CTEs, the decision runs as a ``SELECT`` inside a
-  ``BEGIN IMMEDIATE`` transaction (one writer at a time), and the same write statements run
-  after it with ``g`` bound to the decided values (``WITH g(...) AS (VALUES ...)``).
+* on SQLite, which has no data-modifying CTEs, the decision and the operation's write are one
+  autocommit statement (``WITH decision INSERT/UPDATE ... RETURNING``), and triggers on
+  ``metered_operations`` (migration 0004) apply the account update within it. A refusal
+  reads the decision again, as a ``SELECT``, to explain itself.
 
 So the arithmetic and the writes exist once, and the two engines differ only in how the
 pieces are put together. Statements are rendered at start-up, never per call.
@@ -21,7 +22,7 @@ pieces are put together. Statements are rendered at start-up, never per call.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Dialect = Literal["sqlite", "postgresql"]
@@ -41,9 +42,14 @@ DECISION_COLUMNS = (
     "r_state",
     "r_expires_at",
 )
-APPLIED_COLUMNS = ("du", "dc", "dov", "dh", "remaining", "take_overage")
-"""What SQLite's ``unit_apply`` returns when it applied: the account deltas (used, credit
-spent, overage, held) its ``unit_account`` update binds, and the result's figures."""
+APPLIED_COLUMNS = ("remaining", "take_overage")
+"""What SQLite's ``unit_apply`` returns when it applied: the result's figures."""
+SQLITE_ACCOUNT_TRIGGERS = (
+    "metered_consume_applied",
+    "metered_reserve_applied",
+    "metered_reservation_settled",
+)
+"""The triggers (migration 0004) that make SQLite's ``unit_apply`` update the account too."""
 PRIOR_COLUMNS = (
     "p_id",
     "p_kind",
@@ -69,6 +75,9 @@ class Stmt:
     style: ParamStyle
     returns_rows: bool = True
     """Whether it yields rows (known at render time, so drivers never inspect cursors)."""
+    standalone_write: bool = False
+    """A write that is a whole transaction by itself (SQLite: autocommit; the executor takes
+    the write turn around it, and a batch runs it without a savepoint of its own)."""
 
     def bind(self, params: dict[str, Any]) -> Any:
         if self.style == "dollar":
@@ -173,15 +182,16 @@ _WRITES = {
 }
 
 # What SQLite's write returns for APPLIED_COLUMNS, from the row it wrote (RETURNING cannot
-# read the decision CTE): each operation records the split it applied.
+# read the decision CTE).
 _APPLIED = {
-    "consume": "from_allowance, from_credit, overage, 0, remaining_after, overage",
-    "reserve": "0, 0, 0, units, remaining_after, 0",
-    "commit": "from_allowance, from_credit, overage, -units, remaining_after, overage",
-    "release": "0, 0, 0, -units, 0, 0",
+    "consume": "remaining_after, overage",
+    "reserve": "remaining_after, 0",
+    "commit": "remaining_after, overage",
+    "release": "0, 0",
 }
 
-# Account deltas per operation: (used, credit spent, overage, held, recheck_at).
+# Account deltas per operation on PostgreSQL: (used, credit spent, overage, held, recheck_at).
+# SQLite's triggers (migration 0004) apply the same deltas from the operation row.
 _DELTAS = {
     "consume": ("take_allowance", "take_credit", "take_overage", "0", "recheck_at"),
     "reserve": ("0", "0", "0", ":units", "{least}(recheck_at, :expires_at)"),
@@ -189,11 +199,10 @@ _DELTAS = {
     "release": ("0", "0", "0", "-held_units", "recheck_at"),
 }
 
-# {d*} are ``x.d*`` on PostgreSQL (a CTE over the decision) and bound values on SQLite.
 _UPDATE_ACCOUNT = """
 UPDATE metered_accounts
-SET used = used + {du}, credit = credit - {dc}, overage = overage + {dov},
-    held = held + {dh}, recheck_at = {recheck}, updated_at = :now{source}
+SET used = used + x.du, credit = credit - x.dc, overage = overage + x.dov,
+    held = held + x.dh, recheck_at = {recheck}, updated_at = :now FROM x
 WHERE subject = :subject AND feature = :feature"""
 
 _DELTA_CTE = "x AS (SELECT {du} AS du, {dc} AS dc, {dov} AS dov, {dh} AS dh FROM g WHERE ok{gate})"
@@ -263,22 +272,21 @@ class Statements:
         self.rollback_tx = r("ROLLBACK")
 
         # Unit operations. PostgreSQL: ``unit_op`` decides and writes in one statement.
-        # SQLite has no data-modifying CTEs: ``unit_apply`` decides and writes the operation
-        # (returning APPLIED_COLUMNS only if it applied), ``unit_account`` then updates the
-        # account, and ``unit_op`` is the decision alone, read to explain a refusal.
+        # SQLite: ``unit_apply`` decides and writes the operation, its triggers update the
+        # account, and it returns APPLIED_COLUMNS only if it applied; ``unit_op`` is the
+        # decision alone, read to explain a refusal.
         self.unit_op: dict[str, Stmt] = {}
         self.unit_apply: dict[str, Stmt] = {}
-        self.unit_account: dict[str, Stmt] = {}
         self.result_columns = (*DECISION_COLUMNS, "applied")
         for kind in _OK:
             decision = self._decision_ctes(kind)
             write = self._sub(_WRITES[kind])
-            du, dc, dov, dh, recheck = _DELTAS[kind]
             if pg:
+                du, dc, dov, dh, recheck = _DELTAS[kind]
                 deltas = _DELTA_CTE.format(
                     du=du, dc=dc, dov=dov, dh=dh, gate=" AND EXISTS (SELECT 1 FROM w1)"
                 )
-                update = self._account_update(recheck, "x.du", "x.dc", "x.dov", "x.dh", " FROM x")
+                update = self._sub(_UPDATE_ACCOUNT.format(recheck=recheck))
                 self.unit_op[kind] = r(
                     f"WITH {decision}, w1 AS ({write} RETURNING 1), {deltas},"
                     f" w2 AS ({update} RETURNING 1)"
@@ -288,10 +296,8 @@ class Statements:
                 self.unit_op[kind] = r(
                     f"WITH {decision} SELECT {_DECISION_SELECT}, 0 AS applied FROM g"
                 )
-                self.unit_apply[kind] = r(f"WITH {decision} {write} RETURNING {_APPLIED[kind]}")
-                self.unit_account[kind] = r(
-                    self._account_update(recheck, ":du", ":dc", ":dov", ":dh", "")
-                )
+                apply = r(f"WITH {decision} {write} RETURNING {_APPLIED[kind]}")
+                self.unit_apply[kind] = replace(apply, standalone_write=True)
 
         # Normalisation, plan assignment, grants, reads: plain statements run by Python logic.
         self.subject_get = r(
@@ -422,15 +428,6 @@ class Statements:
             parts.append(_SOURCE_NEW)
         parts.append(_CHAIN.replace("{ok}", _OK[kind]))
         return self._sub(",".join(parts))
-
-    def _account_update(
-        self, recheck: str, du: str, dc: str, dov: str, dh: str, source: str
-    ) -> str:
-        return self._sub(
-            _UPDATE_ACCOUNT.format(
-                du=du, dc=dc, dov=dov, dh=dh, recheck=recheck, source=source
-            ).replace("{least}", self._fmt["least"])
-        )
 
     def _sub(self, sql: str) -> str:
         for name, value in self._fmt.items():
