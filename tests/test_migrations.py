@@ -144,3 +144,33 @@ def test_a_sqlite_file_made_before_the_account_triggers_is_refused_until_upgrade
     refused = pytest.raises(LedgerUnavailable, match="metered db upgrade")
     with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger, refused:
         ledger.balance("u", "api_calls")
+
+
+def test_sqlite_idempotency_keys_work_before_and_after_the_key_index_turns_partial(
+    tmp_path: Any, clock: ManualClock
+) -> None:
+    """0005 leaves unkeyed operations out of SQLite's key index; the upserts that name it
+    must work on both sides of the migration, and keys must keep deduplicating."""
+    url = f"sqlite:///{tmp_path}/keys.db"
+    migrate.upgrade(_sa_url(url), "0004_sqlite_account_triggers")
+
+    def spend() -> list[tuple[bool, bool]]:
+        with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger:
+            results = [
+                ledger.consume("u", 1, feature="api_calls", key="same"),
+                ledger.consume("u", 1, feature="api_calls", key="same"),
+                ledger.consume("u", 1, feature="api_calls"),
+                ledger.consume("u", 1, feature="api_calls"),
+            ]
+        return [(result.ok, result.replayed) for result in results]
+
+    assert spend() == [(True, False), (True, True), (True, False), (True, False)]
+    migrate.upgrade(_sa_url(url))
+    index = _inspect(url, lambda conn: conn.exec_driver_sql(_KEY_INDEX_SQL).scalar())
+    assert index.endswith('WHERE "key" IS NOT NULL')
+    assert spend() == [(True, True), (True, True), (True, False), (True, False)]
+    with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger:
+        assert ledger.balance("u", "api_calls").used == 1 + 2 + 2
+
+
+_KEY_INDEX_SQL = "SELECT sql FROM sqlite_master WHERE name = 'uq_metered_operations_key'"

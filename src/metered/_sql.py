@@ -156,7 +156,7 @@ INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, c
 SELECT :subject, :id, :key, :feature, {values}, {{greatest}}(available - :units, 0), :now,
        {expires}, {meter}
 FROM g WHERE ok
-ON CONFLICT (subject, key) DO NOTHING"""
+ON CONFLICT {{key_conflict}} DO NOTHING"""
 
 _SETTLE_OPERATION = """
 UPDATE metered_operations SET {assignments}, settled_at = :now
@@ -263,6 +263,9 @@ class Statements:
             "greatest": "GREATEST" if pg else "MAX",
             "least": "LEAST" if pg else "MIN",
             "lock": " FOR UPDATE" if pg else "",
+            # SQLite's key index leaves out unkeyed operations (migration 0005): an upsert
+            # names the partial index by repeating its condition.
+            "key_conflict": "(subject, key)" if pg else "(subject, key) WHERE key IS NOT NULL",
         }
         self._style = style
         r = self._render
@@ -381,7 +384,7 @@ class Statements:
                    expires_at, settled_at)
                VALUES (:subject, :id, :key, :feature, :kind, :state, :units, :charged, 0, 0, 0,
                    NULL, :now, :expires_at, :now)
-               ON CONFLICT (subject, key) DO NOTHING RETURNING id"""
+               ON CONFLICT {key_conflict} DO NOTHING RETURNING id"""
         )
         self.prior_by_key = r(
             "SELECT id, kind, state, feature, units, charged, remaining_after, expires_at,"
@@ -418,7 +421,7 @@ class Statements:
         )
 
     def _render(self, sql: str) -> Stmt:
-        return render(sql.replace("{lock}", self._fmt["lock"]), self._style)
+        return render(self._sub(sql), self._style)
 
     def _decision_ctes(self, kind: str) -> str:
         parts = [_ACCOUNT]
