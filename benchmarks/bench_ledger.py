@@ -5,9 +5,10 @@ For each backend this prints the time per operation (mean, p50 and p99 in micros
 the *floor*: the same transactions written by hand on the same table layout, with
 
 * SQLite: the stdlib :mod:`sqlite3` module on a held connection with the ledger's pragmas
-  (WAL, ``synchronous=NORMAL``): ``BEGIN IMMEDIATE``, a conditional ``UPDATE`` of the
-  account row, an ``INSERT`` of the operation row, ``COMMIT``; ``check`` is one
-  primary-key ``SELECT`` of the account row.
+  (WAL, ``synchronous=NORMAL``), one autocommit statement per operation as metered runs
+  them: a conditional ``INSERT ... SELECT`` of the operation row from the account row (a
+  conditional settle ``UPDATE`` for ``commit``), whose triggers on the ledger's tables
+  update the account; ``check`` is one primary-key ``SELECT`` of the account row.
 * PostgreSQL: raw psycopg 3 on a held autocommit connection, one statement per operation
   (a hand-written CTE doing the same conditional update + insert): one round trip. The
   tables are ``ANALYZE``d after the warm-up, as autovacuum keeps them on a live database
@@ -308,33 +309,30 @@ def subject_names(impl: str) -> dict[str, str]:
 # The ledger's own column layout; ``available`` is what metered calls usage_remaining.
 _AVAILABLE = "allowance - used + credit - held"
 
-SQLITE_CONSUME_UPDATE = f"""
-UPDATE metered_accounts SET used = used + ?1, updated_at = ?2
-WHERE subject = ?3 AND feature = ?4 AND recheck_at > ?2 AND {_AVAILABLE} >= ?1
-RETURNING {_AVAILABLE}"""
-SQLITE_CONSUME_INSERT = """
+# One autocommit statement per operation, as metered runs them: the conditional insert (or
+# settle) of the operation row, whose triggers on the ledger's tables (migration 0004) update
+# the account row in the same statement.
+SQLITE_CONSUME = f"""
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
     from_allowance, from_credit, overage, remaining_after, created_at)
-VALUES (?1, ?2, ?3, ?4, 'consume', 'committed', ?5, ?5, ?5, 0, 0, ?6, ?7)
-ON CONFLICT (subject, key) DO NOTHING"""
-SQLITE_RESERVE_UPDATE = f"""
-UPDATE metered_accounts SET held = held + ?1, recheck_at = MIN(recheck_at, ?5), updated_at = ?2
-WHERE subject = ?3 AND feature = ?4 AND recheck_at > ?2 AND {_AVAILABLE} >= ?1
-RETURNING {_AVAILABLE}"""
-SQLITE_RESERVE_INSERT = """
+SELECT subject, ?2, ?3, feature, 'consume', 'committed', ?1, ?1, ?1, 0, 0, {_AVAILABLE} - ?1, ?5
+FROM metered_accounts
+WHERE subject = ?4 AND feature = ?6 AND recheck_at > ?5 AND {_AVAILABLE} >= ?1
+ON CONFLICT (subject, key) WHERE key IS NOT NULL DO NOTHING
+RETURNING remaining_after"""
+SQLITE_RESERVE = f"""
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
-    from_allowance, from_credit, overage, created_at, expires_at)
-VALUES (?1, ?2, ?3, ?4, 'reserve', 'held', ?5, NULL, 0, 0, 0, ?6, ?7)
-ON CONFLICT (subject, key) DO NOTHING"""
-SQLITE_COMMIT_SETTLE = """
+    from_allowance, from_credit, overage, remaining_after, created_at, expires_at)
+SELECT subject, ?2, ?3, feature, 'reserve', 'held', ?1, NULL, 0, 0, 0, {_AVAILABLE} - ?1, ?5, ?7
+FROM metered_accounts
+WHERE subject = ?4 AND feature = ?6 AND recheck_at > ?5 AND {_AVAILABLE} >= ?1
+ON CONFLICT (subject, key) WHERE key IS NOT NULL DO NOTHING
+RETURNING remaining_after"""
+SQLITE_COMMIT = """
 UPDATE metered_operations SET state = 'committed', charged = units, from_allowance = units,
     settled_at = ?3
 WHERE subject = ?1 AND id = ?2 AND state = 'held' AND expires_at > ?3
-RETURNING units"""
-SQLITE_COMMIT_ACCOUNT = f"""
-UPDATE metered_accounts SET used = used + ?1, held = held - ?1, updated_at = ?2
-WHERE subject = ?3 AND feature = ?4
-RETURNING {_AVAILABLE}"""
+RETURNING remaining_after"""
 # The account row carries the subscription status too: one primary-key read answers check.
 CHECK_SELECT = """
 SELECT plan, status, period_end, entitled, overage_allowed, allowance, used, credit, held,
@@ -382,57 +380,24 @@ def sqlite_floor_ops(conn: sqlite3.Connection, subjects: dict[str, str]) -> dict
 
     def consume(i: int) -> int:
         now = now_us()
-        ex("BEGIN IMMEDIATE")
-        try:
-            rows = ex(SQLITE_CONSUME_UPDATE, (1, now, consume_subject, FEATURE)).fetchall()
-            if not rows:
-                raise BenchError("floor consume: denied")
-            cur = ex(
-                SQLITE_CONSUME_INSERT,
-                (consume_subject, next(ids), f"c{i}", FEATURE, 1, rows[0][0], now),
-            )
-            if cur.rowcount != 1:
-                raise BenchError("floor consume: key replayed")
-            ex("COMMIT")
-        except BaseException:
-            ex("ROLLBACK")
-            raise
+        rows = ex(SQLITE_CONSUME, (1, next(ids), f"c{i}", consume_subject, now, FEATURE)).fetchall()
+        if not rows:
+            raise BenchError("floor consume: denied or key replayed")
         return int(rows[0][0])
 
     def reserve(i: int) -> int:
         now = now_us()
         op_id = next(ids)
-        ex("BEGIN IMMEDIATE")
-        try:
-            rows = ex(
-                SQLITE_RESERVE_UPDATE, (1, now, rc_subject, FEATURE, now + TTL_S * 1_000_000)
-            ).fetchall()
-            if not rows:
-                raise BenchError("floor reserve: denied")
-            cur = ex(
-                SQLITE_RESERVE_INSERT,
-                (rc_subject, op_id, f"r{i}", FEATURE, 1, now, now + TTL_S * 1_000_000),
-            )
-            if cur.rowcount != 1:
-                raise BenchError("floor reserve: key replayed")
-            ex("COMMIT")
-        except BaseException:
-            ex("ROLLBACK")
-            raise
+        expires = now + TTL_S * 1_000_000
+        rows = ex(SQLITE_RESERVE, (1, op_id, f"r{i}", rc_subject, now, FEATURE, expires)).fetchall()
+        if not rows:
+            raise BenchError("floor reserve: denied or key replayed")
         return op_id
 
     def commit(op_id: int) -> int:
-        now = now_us()
-        ex("BEGIN IMMEDIATE")
-        try:
-            settled = ex(SQLITE_COMMIT_SETTLE, (rc_subject, op_id, now)).fetchall()
-            if not settled:
-                raise BenchError("floor commit: no held reservation")
-            rows = ex(SQLITE_COMMIT_ACCOUNT, (settled[0][0], now, rc_subject, FEATURE)).fetchall()
-            ex("COMMIT")
-        except BaseException:
-            ex("ROLLBACK")
-            raise
+        rows = ex(SQLITE_COMMIT, (rc_subject, op_id, now_us())).fetchall()
+        if not rows:
+            raise BenchError("floor commit: no held reservation")
         return int(rows[0][0])
 
     def reserve_commit(i: int) -> None:
