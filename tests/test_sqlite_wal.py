@@ -103,16 +103,27 @@ def test_the_group_commit_worker_counts_its_batches(tmp_path: Path, every: int) 
     assert asyncio.run(scenario()) >= 1
 
 
-def test_a_checkpoint_that_fails_is_skipped(tmp_path: Path) -> None:
-    gone = _sqlite_wal.Checkpointer(str(tmp_path / "missing-dir" / "x.db"), every=1)
-    gone.wrote()
-    gone.wrote()
-    thread = gone._thread
-    assert thread is not None
-    time.sleep(0.05)
-    assert thread.is_alive(), "a failed checkpoint must not end the thread"
-    assert gone.done == 0
-    gone.close()
+def test_a_checkpoint_that_fails_is_skipped_and_the_next_one_works(tmp_path: Path) -> None:
+    folder = tmp_path / "not-yet"
+    checkpointer = _sqlite_wal.Checkpointer(str(folder / "x.db"), every=1)
+    try:
+        checkpointer.wrote()  # the file cannot even be opened
+        wait_for(lambda: checkpointer.failed >= 1, "a failed checkpoint")
+        thread = checkpointer._thread
+        assert thread is not None and thread.is_alive(), "a failure must not end the thread"
+        assert checkpointer.done == 0
+
+        folder.mkdir()
+        conn = sqlite3.connect(folder / "x.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        checkpointer.wrote()
+        wait_for(lambda: checkpointer.done >= 1, "a checkpoint once the file exists")
+        conn.close()
+    finally:
+        checkpointer.close()
     assert not thread.is_alive()
 
 

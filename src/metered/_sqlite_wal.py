@@ -69,6 +69,8 @@ class Checkpointer:
         self._closed = False
         self.done = 0
         """Checkpoints so far that copied WAL frames into the file (for tests and curiosity)."""
+        self.failed = 0
+        """Checkpoints so far that raised, and were skipped."""
 
     def wrote(self) -> None:
         """Count one write transaction (approximately, across threads: that is enough)."""
@@ -102,6 +104,7 @@ class Checkpointer:
                     if not busy and copied > 0:
                         self.done += 1
                 except sqlite3.Error:
+                    self.failed += 1
                     if conn is not None:
                         with contextlib.suppress(sqlite3.Error):
                             conn.close()
