@@ -4,7 +4,8 @@ The hot path talks to the DB-API driver directly (``sqlite3``, psycopg 3, asyncp
 statements rendered once at start-up: no ORM and no SQL compilation per call. SQLAlchemy
 parses URLs and owns schema and migrations (:mod:`metered.migrate`).
 
-* SQLite: one ``sqlite3`` connection per thread (WAL, ``BEGIN IMMEDIATE`` per operation).
+* SQLite: one ``sqlite3`` connection per thread (WAL); a unit operation is one autocommit
+  statement, anything longer a ``BEGIN IMMEDIATE`` transaction, writers taking turns.
   The async ledger runs operations on one worker thread, many per transaction (group
   commit), so the event loop never waits on file I/O.
 * PostgreSQL: autocommit psycopg 3 connections, so a single-statement operation is exactly
@@ -522,8 +523,8 @@ class SQLiteAsyncExecutor(AsyncExecutor):
     """Runs SQLite operations on one worker thread, many per transaction (group commit).
 
     The event loop never touches the file: ``run`` queues the operation and awaits a future.
-    The worker takes everything queued, runs it in one write transaction (each operation in
-    its own savepoint, so one that fails rolls back alone), commits once, and hands all the
+    The worker takes everything queued, runs it in one write transaction (one that fails
+    rolls back alone: see :meth:`SQLiteExecutor.run_batch`), commits once, and hands all the
     results back with one wake-up of the loop. Under concurrent requests this pays one
     commit and two thread switches per batch instead of per operation; a result is only
     delivered after the commit that made it durable.
