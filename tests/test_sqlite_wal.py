@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +102,36 @@ def test_the_group_commit_worker_counts_its_batches(tmp_path: Path, every: int) 
             return int(sync._checkpointer.done)
 
     assert asyncio.run(scenario()) >= 1
+
+
+def test_a_group_commit_counts_each_of_its_operations(tmp_path: Path, every: int) -> None:
+    """Checkpoints are due per operation written, not per transaction: a worker that commits
+    dozens at once must not leave the WAL to SQLite's own checkpoint inside a commit."""
+
+    async def scenario() -> tuple[int, int]:
+        url = f"sqlite:///{tmp_path / 'a.db'}"
+        async with AsyncLedger(url, plans=PLANS, default_plan="free") as ledger:
+            await ledger.create_schema()
+            await ledger.grant("user_1", 1000, feature="api_calls")
+            sync = ledger._executor._sync  # type: ignore[attr-defined]
+            batches: list[int] = []
+            run_batch = sync.run_batch
+
+            def counting(ops: list[Any]) -> list[tuple[bool, Any]]:
+                batches.append(len(ops))
+                return run_batch(ops)  # type: ignore[no-any-return]
+
+            sync.run_batch = counting
+            results = await asyncio.gather(
+                *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(every * 3))
+            )
+            assert all(result.ok for result in results)
+            wait_for(lambda: sync._checkpointer.done >= 1, "a background checkpoint")
+            return len(batches), int(sync._checkpointer.done)
+
+    transactions, done = asyncio.run(scenario())
+    assert transactions < every, "the operations should have shared transactions"
+    assert done >= 1
 
 
 def test_a_checkpoint_that_fails_is_skipped_and_the_next_one_works(tmp_path: Path) -> None:

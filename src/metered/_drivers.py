@@ -440,7 +440,7 @@ class SQLiteExecutor(SyncExecutor):
             return [(False, _unavailable(exc)) for _ in ops]
         finally:
             if began:
-                self._end_turn(turn)
+                self._end_turn(turn, len(ops))
         return outcomes
 
     def _outcome(self, run: Callable[[Op], Any], op: Op) -> tuple[bool, Any]:
@@ -489,13 +489,13 @@ class SQLiteExecutor(SyncExecutor):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.001)
 
-    def _end_turn(self, turn: threading.Lock) -> None:
+    def _end_turn(self, turn: threading.Lock, operations: int = 1) -> None:
         fd = self._lock_fd()
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         turn.release()
         if self._checkpointer is not None:
-            self._checkpointer.wrote()
+            self._checkpointer.wrote(operations)
 
     def _lock_fd(self) -> int | None:
         if fcntl is None:

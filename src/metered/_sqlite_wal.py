@@ -26,7 +26,9 @@ import threading
 
 PAGE_SIZE = 1024
 CHECKPOINT_EVERY = 1000
-"""Write transactions between two background checkpoints (a few MiB of WAL at 1 KiB pages)."""
+"""Operations written between two background checkpoints (a few MiB of WAL at 1 KiB pages).
+
+Counted in operations, not transactions: a group commit writes dozens in one transaction."""
 AUTOCHECKPOINT_PAGES = 16_000
 """SQLite's own checkpoint, the backstop: 16 MiB of WAL at 1 KiB pages."""
 
@@ -72,9 +74,9 @@ class Checkpointer:
         self.failed = 0
         """Checkpoints so far that raised, and were skipped."""
 
-    def wrote(self) -> None:
-        """Count one write transaction (approximately, across threads: that is enough)."""
-        self._count += 1
+    def wrote(self, operations: int = 1) -> None:
+        """Count the operations of one write transaction (approximately, across threads)."""
+        self._count += operations
         if self._count < self._every:
             return
         self._count = 0
