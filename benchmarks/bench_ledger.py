@@ -65,6 +65,7 @@ from typing import Any
 from urllib.parse import quote
 
 from metered import AsyncLedger, Ledger, Plan
+from metered._sql import SQLITE_ACCOUNT_TRIGGERS
 
 FEATURE = "api_calls"
 ALLOWANCE = 10**15  # never runs out during a benchmark
@@ -310,8 +311,8 @@ def subject_names(impl: str) -> dict[str, str]:
 _AVAILABLE = "allowance - used + credit - held"
 
 # One autocommit statement per operation, as metered runs them: the conditional insert (or
-# settle) of the operation row, whose triggers on the ledger's tables (migration 0004) update
-# the account row in the same statement.
+# settle) of the operation row, whose triggers (the ones metered puts on its connections,
+# SQLITE_ACCOUNT_TRIGGERS) update the account row in the same statement.
 SQLITE_CONSUME = f"""
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
     from_allowance, from_credit, overage, remaining_after, created_at)
@@ -361,11 +362,13 @@ def check_answer(row: Any) -> CheckTuple:
 
 
 def sqlite_connect(path: str) -> sqlite3.Connection:
-    """A connection with the ledger's settings (WAL, synchronous=NORMAL, autocommit mode)."""
+    """A connection with the ledger's pragmas (WAL, synchronous=NORMAL) and its triggers."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    for name, body in SQLITE_ACCOUNT_TRIGGERS.items():
+        conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} {body}")
     return conn
 
 

@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 
-from metered import Ledger, LedgerUnavailable, ManualClock, Plan, migrate
+from metered import Ledger, ManualClock, Plan, migrate
 from metered._drivers import resolve_url
 from metered.schema import metadata
 
@@ -122,37 +122,13 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str, clock: ManualClo
         assert ledger.history("u")[0].kind == "consume"
 
 
-def test_a_sqlite_file_made_before_the_account_triggers_is_refused_until_upgraded(
-    tmp_path: Any, clock: ManualClock
-) -> None:
-    """Unit operations on SQLite move balances through triggers (0004): a ledger on a file
-    at 0003 refuses to run instead of recording operations that leave balances unchanged;
-    upgrading keeps its rows and makes it work."""
-    url = f"sqlite:///{tmp_path}/old.db"
-    migrate.upgrade(_sa_url(url), "0003_api_keys")
-    refused = pytest.raises(LedgerUnavailable, match="metered db upgrade")
-    with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger, refused:
-        ledger.consume("u", 3, feature="api_calls")
-    migrate.upgrade(_sa_url(url))
-    with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger:
-        assert ledger.consume("u", 3, feature="api_calls").ok
-        held = ledger.reserve("u", 4, feature="api_calls")
-        assert ledger.balance("u", "api_calls").usage_remaining == 10 - 3 - 4
-        assert ledger.commit(held, 2).ok
-        assert ledger.balance("u", "api_calls").used == 5
-    migrate.downgrade(_sa_url(url), "0003_api_keys")
-    refused = pytest.raises(LedgerUnavailable, match="metered db upgrade")
-    with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger, refused:
-        ledger.balance("u", "api_calls")
-
-
 def test_sqlite_idempotency_keys_work_before_and_after_the_key_index_turns_partial(
     tmp_path: Any, clock: ManualClock
 ) -> None:
-    """0005 leaves unkeyed operations out of SQLite's key index; the upserts that name it
-    must work on both sides of the migration, and keys must keep deduplicating."""
+    """0004 leaves unkeyed operations out of SQLite's key index; the upserts must work on both
+    sides of the migration, and keys must keep deduplicating."""
     url = f"sqlite:///{tmp_path}/keys.db"
-    migrate.upgrade(_sa_url(url), "0004_sqlite_account_triggers")
+    migrate.upgrade(_sa_url(url), "0003_api_keys")
 
     def spend() -> list[tuple[bool, bool]]:
         with Ledger(url, plans=PLANS, default_plan="free", clock=clock) as ledger:

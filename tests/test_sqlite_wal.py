@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from metered import AsyncLedger, Ledger, _sqlite_wal
+from metered import AsyncLedger, Ledger, LedgerUnavailable, _sqlite_wal
 from metered._drivers import SQLiteExecutor
 from support import PLANS
 
@@ -52,7 +52,8 @@ def test_a_new_file_gets_small_pages_whichever_side_creates_it(tmp_path: Path) -
     with Ledger(f"sqlite:///{schema_first}", plans=PLANS, default_plan="free") as ledger:
         ledger.create_schema()
     with Ledger(f"sqlite:///{ledger_first}", plans=PLANS, default_plan="free") as ledger:
-        ledger._executor.connection()  # as a first operation would, before create_schema
+        with pytest.raises(LedgerUnavailable, match="create_schema"):
+            ledger._executor.connection()  # as a first operation would, before create_schema
         ledger.create_schema()
         assert ledger.consume("user_1", 1, feature="api_calls").ok
     assert page_size(schema_first) == page_size(ledger_first) == _sqlite_wal.PAGE_SIZE

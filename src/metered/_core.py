@@ -440,9 +440,8 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     """Run the decision and, when it says go, the writes of one unit operation.
 
     PostgreSQL does all of it in one statement. So does SQLite, whose triggers apply the
-    account update (migration 0004): the statement decides and writes the operation,
-    returning the figures only if it applied. Only a refusal reads the decision again, to
-    say why.
+    account update: the statement decides and writes the operation, returning the figures
+    only if it applied. Only a refusal reads the decision again, to say why.
 
     When the operation did not apply and carries a key, the row also describes the
     operation already recorded under that key (``p_*``), read in a second statement: a
@@ -450,8 +449,7 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
     PostgreSQL it would also be wrong: the one-statement operation reads from a snapshot
     taken *before* it waited for the account row lock, so it would miss a same-key twin
     that committed in between (and deny it for lack of units instead of replaying it). The
-    second statement's snapshot follows the decision. Either statement may see a newer
-    state than the refused write did; the callers then try again (``_ATTEMPTS``).
+    second statement's snapshot follows the decision.
     """
     stmts = ctx.stmts
     if stmts.single_statement:
@@ -460,14 +458,30 @@ def _unit_statement(ctx: Context, kind: str, params: dict[str, Any]) -> Op:
         if row is not None and row["applied"]:
             row["remaining"] = max(row["available"] - params["units"], 0)
             return row
-    else:
-        rows = yield stmts.unit_apply[kind], params
-        if rows:
-            row = dict(zip(APPLIED_COLUMNS, rows[0]))
-            row["applied"] = 1
-            return row
-        rows = yield stmts.unit_op[kind], params  # why not: the decision alone
-        row = dict(zip(stmts.result_columns, rows[0])) if rows else None
+        return (yield from _with_prior(stmts, row, params))
+    row = yield from _sqlite_apply(stmts, kind, params)
+    if row is None or row["applied"] or not row["ok"] or row["p_id"] is not None:
+        return row
+    # Refused, yet the decision read after it says go: another writer changed the balance
+    # in between. Decide again in one transaction, where the write and the reads agree.
+    yield stmts.begin, {}
+    row = yield from _sqlite_apply(stmts, kind, params)
+    yield stmts.commit_tx, {}
+    return row
+
+
+def _sqlite_apply(stmts: Statements, kind: str, params: dict[str, Any]) -> Op:
+    """SQLite's one-statement operation; if refused, the decision and the key's operation."""
+    rows = yield stmts.unit_apply[kind], params
+    if rows:
+        return {**dict(zip(APPLIED_COLUMNS, rows[0])), "applied": 1}
+    rows = yield stmts.unit_op[kind], params  # why not: the decision alone
+    decision = dict(zip(stmts.result_columns, rows[0])) if rows else None
+    return (yield from _with_prior(stmts, decision, params))
+
+
+def _with_prior(stmts: Statements, row: dict[str, Any] | None, params: dict[str, Any]) -> Op:
+    """Add the operation recorded under the key (``p_*``, all None without one) to a refusal."""
     if row is not None:
         row.update(_NO_PRIOR)
         if params["key"] is not None:
@@ -745,8 +759,6 @@ def commit(ctx: Context, reservation: Reservation, units: int | None) -> Op:
             raise _settled_error(row, now)
         if not row["fresh"]:
             yield from normalize(ctx, subject, feature)
-            continue
-        if row["ok"]:  # SQLite: the refusal was read after another write changed the balance
             continue
         return ConsumeResult._make(
             ok=False,

@@ -201,6 +201,8 @@ def _sqlite_rows(
     """The statement's rows, or one empty tuple per row it changed (see :mod:`metered._core`).
 
     Counted with ``total_changes``: ``rowcount`` stays -1 for a statement that starts with WITH.
+    That count includes rows changed by triggers, so a statement that fires the account
+    triggers returns its rows instead (``RETURNING``).
     """
     if returns_rows:
         return cur.execute(sql, params).fetchall()
@@ -209,22 +211,10 @@ def _sqlite_rows(
     return [()] * (conn.total_changes - before)
 
 
-_TRIGGER_COUNT = (
-    "SELECT coalesce(sum(type = 'table' AND name = 'metered_operations'), 0),"
-    " coalesce(sum(type = 'trigger' AND name IN ({})), 0) FROM sqlite_master".format(
-        ", ".join(f"'{name}'" for name in SQLITE_ACCOUNT_TRIGGERS)
-    )
-)
-
-
-def _lacks_account_triggers(conn: sqlite3.Connection) -> bool:
-    """A file with the ledger's tables but not their triggers (made before migration 0004).
-
-    Unit operations rely on the triggers to update balances. A file without tables yet is
-    fine: ``create_schema()`` creates both at once.
-    """
-    tables, triggers = conn.execute(_TRIGGER_COUNT).fetchone()
-    return bool(tables) and triggers < len(SQLITE_ACCOUNT_TRIGGERS)
+def _create_account_triggers(conn: sqlite3.Connection) -> None:
+    """This connection's own triggers that keep account rows in step (see ``_sql``)."""
+    for name, body in SQLITE_ACCOUNT_TRIGGERS.items():
+        conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} {body}")
 
 
 _TURNS: dict[str, threading.Lock] = {}
@@ -280,16 +270,12 @@ class SQLiteExecutor(SyncExecutor):
             raise _unavailable(exc) from exc
         try:
             _sqlite_wal.configure(conn, memory=self._memory, busy_timeout=self._timeout)
-            outdated = _lacks_account_triggers(conn)
+            # Before any table exists this fails ("no such table"): the connection is not
+            # kept, and the next call, after create_schema(), makes a new one.
+            _create_account_triggers(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise _unavailable(exc) from exc
-        if outdated:
-            conn.close()
-            raise LedgerUnavailable(
-                "the ledger schema predates this version of metered (its balances would not"
-                " move); run `metered db upgrade` or create_schema()"
-            )
         self._all.append(conn)
         return conn
 

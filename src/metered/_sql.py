@@ -11,9 +11,10 @@ that follow read the decision from a relation named ``g``:
   on it and always see its newest values; the idempotency key's unique index is the arbiter
   between two requests with the same key.
 * on SQLite, which has no data-modifying CTEs, the decision and the operation's write are one
-  autocommit statement (``WITH decision INSERT/UPDATE ... RETURNING``), and triggers on
-  ``metered_operations`` (migration 0004) apply the account update within it. A refusal
-  reads the decision again, as a ``SELECT``, to explain itself.
+  autocommit statement (``WITH decision INSERT/UPDATE ... RETURNING``), and the ledger
+  connection's triggers on ``metered_operations`` apply the account update within it
+  (``SQLITE_ACCOUNT_TRIGGERS``). A refusal reads the decision again, as a ``SELECT``, to
+  explain itself.
 
 So the arithmetic and the writes exist once, and the two engines differ only in how the
 pieces are put together. Statements are rendered at start-up, never per call.
@@ -44,12 +45,44 @@ DECISION_COLUMNS = (
 )
 APPLIED_COLUMNS = ("remaining", "take_overage")
 """What SQLite's ``unit_apply`` returns when it applied: the result's figures."""
-SQLITE_ACCOUNT_TRIGGERS = (
-    "metered_consume_applied",
-    "metered_reserve_applied",
-    "metered_reservation_settled",
-)
-"""The triggers (migration 0004) that make SQLite's ``unit_apply`` update the account too."""
+SQLITE_ACCOUNT_TRIGGERS = {
+    "metered_consume_applied": """
+        AFTER INSERT ON main.metered_operations
+        WHEN NEW.kind = 'consume' AND NEW.state = 'committed'
+        BEGIN
+            UPDATE metered_accounts
+            SET used = used + NEW.from_allowance, credit = credit - NEW.from_credit,
+                overage = overage + NEW.overage, updated_at = NEW.created_at
+            WHERE subject = NEW.subject AND feature = NEW.feature;
+        END""",
+    "metered_reserve_applied": """
+        AFTER INSERT ON main.metered_operations
+        WHEN NEW.kind = 'reserve' AND NEW.state = 'held'
+        BEGIN
+            UPDATE metered_accounts
+            SET held = held + NEW.units, recheck_at = MIN(recheck_at, NEW.expires_at),
+                updated_at = NEW.created_at
+            WHERE subject = NEW.subject AND feature = NEW.feature;
+        END""",
+    "metered_reservation_settled": """
+        AFTER UPDATE OF state ON main.metered_operations
+        WHEN OLD.state = 'held' AND NEW.state IN ('committed', 'released')
+        BEGIN
+            UPDATE metered_accounts
+            SET used = used + NEW.from_allowance, credit = credit - NEW.from_credit,
+                overage = overage + NEW.overage, held = held - OLD.units,
+                updated_at = NEW.settled_at
+            WHERE subject = NEW.subject AND feature = NEW.feature;
+        END""",
+}
+"""SQLite's account update for ``unit_apply``: the deltas of ``_DELTAS``, from the row written.
+
+Each ledger connection creates them as ``TEMP`` triggers, so they fire for its own writes
+only: a connection that updates accounts itself (an older metered, a script) is never
+counted twice, and no migration is needed. They fire for the unit operations' writes alone:
+a consume (committed on insert), a reservation (held on insert), and a reservation leaving
+``held`` for ``committed`` or ``released``; history rows (``applied``) and expiry (``held``
+to ``expired``, whose account normalisation recomputes) leave the account alone."""
 PRIOR_COLUMNS = (
     "p_id",
     "p_kind",
@@ -150,13 +183,17 @@ _OK = {
     "release": "r_state = 'held' AND r_expires_at > :now",
 }
 
+# No conflict target: any uniqueness conflict means "not applied". Usually the key (a replay
+# or a reuse, which the caller reads back); rarely the id, when another process drew the same
+# one for this subject in the same millisecond: nothing is found under the key, and the
+# caller tries again with a new id.
 _INSERT_OPERATION = """
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
     from_allowance, from_credit, overage, remaining_after, created_at, expires_at, meter)
 SELECT :subject, :id, :key, :feature, {values}, {{greatest}}(available - :units, 0), :now,
        {expires}, {meter}
 FROM g WHERE ok
-ON CONFLICT {{key_conflict}} DO NOTHING"""
+ON CONFLICT DO NOTHING"""
 
 _SETTLE_OPERATION = """
 UPDATE metered_operations SET {assignments}, settled_at = :now
@@ -191,7 +228,7 @@ _APPLIED = {
 }
 
 # Account deltas per operation on PostgreSQL: (used, credit spent, overage, held, recheck_at).
-# SQLite's triggers (migration 0004) apply the same deltas from the operation row.
+# SQLITE_ACCOUNT_TRIGGERS apply the same deltas from the operation row.
 _DELTAS = {
     "consume": ("take_allowance", "take_credit", "take_overage", "0", "recheck_at"),
     "reserve": ("0", "0", "0", ":units", "{least}(recheck_at, :expires_at)"),
@@ -263,7 +300,7 @@ class Statements:
             "greatest": "GREATEST" if pg else "MAX",
             "least": "LEAST" if pg else "MIN",
             "lock": " FOR UPDATE" if pg else "",
-            # SQLite's key index leaves out unkeyed operations (migration 0005): an upsert
+            # SQLite's key index leaves out unkeyed operations (migration 0004): an upsert
             # names the partial index by repeating its condition.
             "key_conflict": "(subject, key)" if pg else "(subject, key) WHERE key IS NOT NULL",
         }

@@ -3,19 +3,20 @@
 Most metered requests carry no idempotency key, yet each of their operation rows put a
 ``(subject, NULL)`` entry in the unique key index: one more page written to the WAL per
 request for an entry no lookup ever finds (``key = :key`` never matches NULL). The index
-becomes partial (``WHERE key IS NOT NULL``); upserts name it by repeating that condition.
+becomes partial (``WHERE key IS NOT NULL``). The unit operations' upserts name no conflict
+target, and the history rows' upsert repeats the condition, so both work with either index.
 PostgreSQL is unchanged.
 
-Revision ID: 0005_sqlite_partial_key_index
-Revises: 0004_sqlite_account_triggers
+Revision ID: 0004_sqlite_partial_key_index
+Revises: 0003_api_keys
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005_sqlite_partial_key_index"
-down_revision = "0004_sqlite_account_triggers"
+revision = "0004_sqlite_partial_key_index"
+down_revision = "0003_api_keys"
 branch_labels = None
 depends_on = None
 
