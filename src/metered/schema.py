@@ -83,7 +83,7 @@ operations = Table(
     # statement, so the row itself is the outbox entry; ``exported_at`` marks it sent.
     Column("meter", String(100), nullable=True),
     Column("exported_at", BigInteger, nullable=True),
-    # On SQLite only keyed operations are in it (migration 0005): an unkeyed one, most
+    # On SQLite only keyed operations are in it (migration 0004): an unkeyed one, most
     # metered requests, writes one index page less. PostgreSQL keeps the full index.
     Index(
         "uq_metered_operations_key",
