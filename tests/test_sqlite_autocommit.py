@@ -131,3 +131,11 @@ def test_an_id_another_process_drew_for_the_same_subject_is_drawn_again(
         assert ledger.commit(held).ok and ledger.release(third)
         balance = ledger.balance("u", "api_calls")
         assert (balance.used, balance.held) == (1 + 2 + 3, 0)
+
+        for key in ("topup", None):  # history lines (here grants) draw again too
+            drawn.clear()
+            ids.next = collide_once  # type: ignore[method-assign]
+            granted = ledger.grant("u", 10, feature="api_calls", key=key)
+            assert not granted.replayed and granted.entry_id != taken
+        assert ledger.grant("u", 10, feature="api_calls", key="topup").replayed
+        assert ledger.balance("u", "api_calls").credits == 20

@@ -410,24 +410,29 @@ def _record(
     key: str | None = None,
     expires_at: int | None = None,
 ) -> Op:
-    """Append a history line that is not a unit operation (grant, expiry, period start)."""
-    entry_id = ctx.ids.next(now)
-    rows = yield (
-        ctx.stmts.operation_record,
-        {
-            "subject": subject,
-            "id": entry_id,
-            "key": key,
-            "feature": feature,
-            "kind": kind,
-            "state": "applied",
-            "units": units,
-            "charged": None,
-            "now": now,
-            "expires_at": expires_at,
-        },
-    )
-    return entry_id if rows else None
+    """Append a history line that is not a unit operation (grant, expiry, period start).
+
+    Returns its id, or None when ``key`` is already taken. An id that another process drew
+    for this subject in the same millisecond is drawn again.
+    """
+    params = {
+        "subject": subject,
+        "key": key,
+        "feature": feature,
+        "kind": kind,
+        "state": "applied",
+        "units": units,
+        "charged": None,
+        "now": now,
+        "expires_at": expires_at,
+    }
+    for _ in range(_ATTEMPTS):
+        entry_id = ctx.ids.next(now)
+        if (yield ctx.stmts.operation_record, {**params, "id": entry_id}):
+            return entry_id
+        if key is not None and (yield ctx.stmts.operation_by_key, {"subject": subject, "key": key}):
+            return None
+    raise LedgerUnavailable("could not record the operation after repeated id collisions")
 
 
 # --------------------------------------------------------------------------- unit ops

@@ -183,10 +183,11 @@ _OK = {
     "release": "r_state = 'held' AND r_expires_at > :now",
 }
 
-# No conflict target: any uniqueness conflict means "not applied". Usually the key (a replay
-# or a reuse, which the caller reads back); rarely the id, when another process drew the same
-# one for this subject in the same millisecond: nothing is found under the key, and the
-# caller tries again with a new id.
+# No conflict target (here and in ``operation_record``): any uniqueness conflict means "not
+# applied". Usually the key (a replay or a reuse, which the caller reads back); rarely the
+# id, when another process drew the same one for this subject in the same millisecond:
+# nothing is found under the key, and the caller tries again with a new id. It also names
+# neither form of the key index (full on PostgreSQL, partial on SQLite since migration 0004).
 _INSERT_OPERATION = """
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
     from_allowance, from_credit, overage, remaining_after, created_at, expires_at, meter)
@@ -300,9 +301,6 @@ class Statements:
             "greatest": "GREATEST" if pg else "MAX",
             "least": "LEAST" if pg else "MIN",
             "lock": " FOR UPDATE" if pg else "",
-            # SQLite's key index leaves out unkeyed operations (migration 0004): an upsert
-            # names the partial index by repeating its condition.
-            "key_conflict": "(subject, key)" if pg else "(subject, key) WHERE key IS NOT NULL",
         }
         self._style = style
         r = self._render
@@ -421,7 +419,7 @@ class Statements:
                    expires_at, settled_at)
                VALUES (:subject, :id, :key, :feature, :kind, :state, :units, :charged, 0, 0, 0,
                    NULL, :now, :expires_at, :now)
-               ON CONFLICT {key_conflict} DO NOTHING RETURNING id"""
+               ON CONFLICT DO NOTHING RETURNING id"""
         )
         self.prior_by_key = r(
             "SELECT id, kind, state, feature, units, charged, remaining_after, expires_at,"

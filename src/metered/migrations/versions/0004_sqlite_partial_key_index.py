@@ -3,8 +3,8 @@
 Most metered requests carry no idempotency key, yet each of their operation rows put a
 ``(subject, NULL)`` entry in the unique key index: one more page written to the WAL per
 request for an entry no lookup ever finds (``key = :key`` never matches NULL). The index
-becomes partial (``WHERE key IS NOT NULL``). The unit operations' upserts name no conflict
-target, and the history rows' upsert repeats the condition, so both work with either index.
+becomes partial (``WHERE key IS NOT NULL``). The upserts name no conflict target, so they
+work with either index.
 PostgreSQL is unchanged.
 
 Revision ID: 0004_sqlite_partial_key_index
