@@ -4,7 +4,8 @@ Most metered requests carry no idempotency key, yet each of their operation rows
 ``(subject, NULL)`` entry in the unique key index: one more page written to the WAL per
 request for an entry no lookup ever finds (``key = :key`` never matches NULL). The index
 becomes partial (``WHERE key IS NOT NULL``). The upserts name no conflict target, so they
-work with either index.
+work with either index; code from before this revision names ``(subject, key)``, which only
+the full index matches, so every process must run the new code before the file is upgraded.
 PostgreSQL is unchanged.
 
 Revision ID: 0004_sqlite_partial_key_index
