@@ -33,38 +33,73 @@ def _terminate(base_url: str, pid: int) -> None:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def test_sync_commit_after_the_connection_died(schema: PostgresSchema) -> None:
+def test_sync_commit_after_the_idle_connection_died(schema: PostgresSchema) -> None:
+    """The server ended the pooled connection between reserve and commit (a restart,
+    pg_terminate_backend, idle_session_timeout): the commit notices before using it, takes
+    a fresh connection, and settles exactly once."""
     with Ledger(schema.url, plans=PLANS, default_plan="free", pool_size=1) as ledger:
         held = ledger.reserve("user_1", 30, feature="api_calls", key="req-1")
         assert held.ok
         conn, _ = ledger._executor._idle[-1]  # type: ignore[attr-defined]
-        pid = conn.info.backend_pid
-        _terminate(schema.base_url, pid)
+        _terminate(schema.base_url, conn.info.backend_pid)
+        _wait_for_hang_up(conn)
 
-        with pytest.raises(LedgerUnavailable):
-            ledger.commit(held)
-        balance = ledger.balance("user_1", "api_calls")  # a fresh connection: nothing lost
-        assert (balance.used, balance.held) == (0, 30)
-        assert ledger.commit(held).consumed == 30  # the retry settles it exactly once
-        assert ledger.balance("user_1", "api_calls").used == 30
+        assert ledger.commit(held).consumed == 30
+        assert conn.closed  # the dead one was dropped, not reused
+        balance = ledger.balance("user_1", "api_calls")
+        assert (balance.used, balance.held) == (30, 0)
         assert ledger.consume("user_1", 30, feature="api_calls", key="req-1").replayed
 
 
-def test_async_consume_after_the_connection_died(schema: PostgresSchema) -> None:
+def test_sync_connection_killed_during_a_statement(schema: PostgresSchema) -> None:
+    """A connection that dies while its statement runs cannot be retried blindly (did it
+    commit?): a precise error, nothing half-done, and the next call works."""
+    with Ledger(schema.url, plans=PLANS, default_plan="free", pool_size=1) as ledger:
+        assert ledger.consume("user_1", 10, feature="api_calls", key="a").ok
+        suicide = render("SELECT pg_terminate_backend(pg_backend_pid())", "pyformat")
+
+        def killed() -> Any:
+            return (yield suicide, {})
+
+        with pytest.raises(LedgerUnavailable):
+            ledger._executor.run(killed())
+        assert ledger.balance("user_1", "api_calls").used == 10
+        assert ledger.consume("user_1", 10, feature="api_calls", key="b").ok
+        assert ledger.balance("user_1", "api_calls").used == 20
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_async_consume_after_the_idle_connection_died(schema: PostgresSchema, driver: str) -> None:
+    url = schema.url
+    if driver == "asyncpg":
+        url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    async def backend_pid(led: AsyncLedger) -> int:
+        rows = await led._executor.read(render("SELECT pg_backend_pid()", "pyformat"), {})
+        return int(rows[0][0])
+
     async def scenario() -> None:
-        async with AsyncLedger(schema.url, plans=PLANS, default_plan="free", pool_size=1) as led:
+        async with AsyncLedger(url, plans=PLANS, default_plan="free", pool_size=1) as led:
             assert (await led.consume("user_1", 10, feature="api_calls", key="a")).ok
-            async with led._executor._pool.connection() as conn:  # type: ignore[attr-defined]
-                pid = conn.info.backend_pid
+            pid = await backend_pid(led)
             await asyncio.to_thread(_terminate, schema.base_url, pid)
-            with pytest.raises(LedgerUnavailable):
-                await led.consume("user_1", 10, feature="api_calls", key="b")
-            balance = await led.balance("user_1", "api_calls")
-            assert balance.used == 10  # the failed call charged nothing
+            await asyncio.sleep(0.2)  # the goodbye reaches the idle socket
             assert (await led.consume("user_1", 10, feature="api_calls", key="b")).ok
+            assert await backend_pid(led) != pid
             assert (await led.balance("user_1", "api_calls")).used == 20
 
     asyncio.run(scenario())
+
+
+def _wait_for_hang_up(conn: Any) -> None:
+    """Until the server's goodbye has reached the client's socket (it is asynchronous)."""
+    import select
+
+    for _ in range(100):
+        if select.select([conn.fileno()], [], [], 0)[0]:
+            return
+        time.sleep(0.02)
+    pytest.fail("the terminated connection's socket never became readable")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import re
+import select
 import sqlite3
 import threading
 import time
@@ -603,6 +604,35 @@ def _psycopg_errors() -> tuple[type[BaseException], ...]:
     return (psycopg.OperationalError, psycopg.errors.UndefinedTable, PoolTimeout, OSError)
 
 
+def _server_hung_up(conn: Any) -> bool:
+    """Whether the server has closed this idle connection (restart, ``pg_terminate_backend``,
+    ``idle_session_timeout``): one non-blocking poll of its socket, no round trip.
+
+    An idle autocommit connection that does not LISTEN gets nothing from PostgreSQL until it
+    sends a query, except the goodbye (an error message, then end of file), so a readable
+    socket means it is gone. Using it anyway fails the request it was checked out for.
+    """
+    if conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+async def _check_idle_connection(conn: Any) -> None:
+    """psycopg_pool's ``check``: refuse a connection the server hung up on.
+
+    Closed first, so that the pool replaces it instead of handing it out again.
+    """
+    if _server_hung_up(conn):
+        import psycopg
+
+        await conn.close()
+        raise psycopg.OperationalError("the server closed this idle connection")
+
+
 def _missing(extra: str, exc: ImportError) -> ConfigurationError:
     return ConfigurationError(
         f"PostgreSQL support needs the {extra!r} extra: pip install 'metered-billing[{extra}]'"
@@ -642,6 +672,18 @@ class PsycopgExecutor(SyncExecutor):
         )
         return conn, conn.cursor()
 
+    def _checkout(self) -> tuple[Any, Any]:
+        """The newest idle connection the server still holds open, else a new one."""
+        while True:
+            try:
+                conn, cur = self._idle.pop()
+            except IndexError:
+                return self._connect()
+            if not _server_hung_up(conn):
+                return conn, cur
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def _forget_parent(self) -> None:
         """After a fork: drop, never close, the parent's connections (psycopg does not
         close a connection from a process other than the one that opened it; an explicit
@@ -659,10 +701,7 @@ class PsycopgExecutor(SyncExecutor):
             )
         conn = cur = None
         try:
-            try:
-                conn, cur = self._idle.pop()
-            except IndexError:
-                conn, cur = self._connect()
+            conn, cur = self._checkout()
 
             def execute(stmt: Stmt, params: dict[str, Any]) -> Rows:
                 cur.execute(stmt.sql, params)
@@ -724,6 +763,7 @@ class PsycopgAsyncExecutor(AsyncExecutor):
                     max_size=self._size,
                     timeout=self._timeout,
                     kwargs={"autocommit": True},
+                    check=_check_idle_connection,
                     open=False,
                     name="metered-async",
                 )
