@@ -65,7 +65,7 @@ from typing import Any
 from urllib.parse import quote
 
 from metered import AsyncLedger, Ledger, Plan
-from metered._sql import SQLITE_ACCOUNT_TRIGGERS
+from metered._drivers import _create_account_triggers
 
 FEATURE = "api_calls"
 ALLOWANCE = 10**15  # never runs out during a benchmark
@@ -312,7 +312,7 @@ _AVAILABLE = "allowance - used + credit - held"
 
 # One autocommit statement per operation, as metered runs them: the conditional insert (or
 # settle) of the operation row, whose triggers (the ones metered puts on its connections,
-# SQLITE_ACCOUNT_TRIGGERS) update the account row in the same statement.
+# _create_account_triggers) update the account row in the same statement.
 SQLITE_CONSUME = f"""
 INSERT INTO metered_operations (subject, id, key, feature, kind, state, units, charged,
     from_allowance, from_credit, overage, remaining_after, created_at)
@@ -367,8 +367,7 @@ def sqlite_connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
-    for name, body in SQLITE_ACCOUNT_TRIGGERS.items():
-        conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} {body}")
+    _create_account_triggers(conn)
     return conn
 
 
