@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,82 @@ async def test_closed_ledger_refuses_new_work(path: str) -> None:
     await ledger.close()
     with pytest.raises(LedgerUnavailable):
         await ledger.consume("user_1", 1, feature="api_calls")
+
+
+async def test_one_turn_of_the_loop_is_handed_over_as_one_batch(path: str) -> None:
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as setup:
+        setup.grant("user_1", 1000, feature="api_calls")
+    sizes: list[int] = []
+    async with AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
+        executor = ledger._executor
+        assert isinstance(executor, SQLiteAsyncExecutor)
+        run_batch = executor._sync.run_batch
+
+        def counting(ops: list[Op]) -> list[tuple[bool, Any]]:
+            sizes.append(len(ops))
+            return run_batch(ops)
+
+        executor._sync.run_batch = counting  # type: ignore[method-assign]
+        assert (await ledger.consume("user_1", 1, feature="api_calls")).ok  # worker started
+        results = await asyncio.gather(
+            *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(100))
+        )
+    assert all(r.ok for r in results)
+    assert sizes == [1, 64, 36], "one turn's 100 operations, in batches of at most 64"
+
+
+async def test_closing_runs_what_this_loop_has_not_handed_over_yet(path: str) -> None:
+    ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    assert (await ledger.consume("user_1", 1, feature="api_calls")).ok
+    tasks = [
+        asyncio.ensure_future(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}"))
+        for i in range(10)
+    ]
+    await asyncio.sleep(0)  # the tasks are queued; their hand-over has not run yet
+    await ledger.close()  # directly: in this same step, before the hand-over runs
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert all(r.ok for r in results)
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as check:
+        assert check.balance("user_1", "api_calls").used == 1 + 1 + 10
+
+
+async def test_a_hand_over_after_closing_is_refused(path: str) -> None:
+    """Another loop's operations, queued before close() and handed over after it."""
+    ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    executor = ledger._executor
+    assert isinstance(executor, SQLiteAsyncExecutor)
+    other = asyncio.new_event_loop()
+    try:
+        future = other.create_future()
+        executor._pending[other] = [(ledger._op_consume("user_1", 1, "api_calls", None), future)]
+        await ledger.close()
+        executor._hand_over(other)
+        assert isinstance(future.exception(), LedgerUnavailable)
+    finally:
+        other.close()
+
+
+def test_loops_in_several_threads_share_one_ledger(path: str) -> None:
+    ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as setup:
+        setup.grant("user_1", 1000, feature="api_calls")
+
+    async def spend(thread: int) -> list[bool]:
+        results = await asyncio.gather(
+            *(
+                ledger.consume("user_1", 1, feature="api_calls", key=f"t{thread}-{i}")
+                for i in range(50)
+            )
+        )
+        return [r.ok for r in results]
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda t: asyncio.run(spend(t)), range(4)))
+    asyncio.run(ledger.close())
+    assert all(all(ok) for ok in outcomes)
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as check:
+        balance = check.balance("user_1", "api_calls")
+    assert balance.used + (1000 - balance.credits) == 1 + 200
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import math
 import os
+import queue
 import re
 import select
 import sqlite3
@@ -509,79 +510,115 @@ class SQLiteExecutor(SyncExecutor):
 class SQLiteAsyncExecutor(AsyncExecutor):
     """Runs SQLite operations on one worker thread, many per transaction (group commit).
 
-    The event loop never touches the file: ``run`` queues the operation and awaits a future.
-    The worker takes everything queued, runs it in one write transaction (one that fails
-    rolls back alone: see :meth:`SQLiteExecutor.run_batch`), commits once, and hands all the
-    results back with one wake-up of the loop. Under concurrent requests this pays one
-    commit and two thread switches per batch instead of per operation; a result is only
-    delivered after the commit that made it durable.
+    The event loop never touches the file. ``run`` adds the operation to its loop's list
+    and awaits a future; the list is handed to the worker once per turn of the loop, with
+    one put on a queue. The worker takes everything handed over, runs it in one write
+    transaction (one that fails rolls back alone: see :meth:`SQLiteExecutor.run_batch`),
+    commits once, and hands all the results back with one wake-up of each loop. Under
+    concurrent requests this pays one commit and two thread switches per batch instead of
+    per operation; a result is only delivered after the commit that made it durable.
     """
 
     _BATCH = 64
 
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self._sync = SQLiteExecutor(path, busy_timeout=timeout)
-        self._cond = threading.Condition()
-        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._thread: threading.Thread | None = None
+        self._fresh_state()
         self._closed = False
+
+    def _fresh_state(self) -> None:
+        self._inbox: queue.SimpleQueue[list[_Queued] | None] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
+        self._lock = threading.Lock()  # starting the worker; closing; handing over
+        self._thread: threading.Thread | None = None
         self._generation = _fork.generation
 
     async def run(self, op: Op) -> Any:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         if self._generation != _fork.generation:
             # A forked child has no worker thread, and the parent may have forked while
-            # holding the condition's lock: start over with fresh ones.
-            self._cond, self._queue, self._thread = threading.Condition(), [], None
-            self._generation = _fork.generation
-        with self._cond:
-            if self._closed:
-                raise LedgerUnavailable("the ledger is closed")
+            # holding the lock: start over with fresh ones.
+            self._fresh_state()
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        if self._thread is None:
+            self._start_worker()
+        pending = self._pending.get(loop)
+        if pending is None:  # the first operation of this turn of the loop
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append((op, future))
+        return await future
+
+    def _start_worker(self) -> None:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._work, name="metered-sqlite", daemon=True
                 )
                 self._thread.start()
-            self._queue.append((op, future))
-            if len(self._queue) == 1:
-                self._cond.notify()
-        return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, None)
+        if batch is None:  # close() handed it over already
+            return
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(batch)
+                return
+        closed = LedgerUnavailable("the ledger is closed")
+        _settle([(future, (False, closed)) for _, future in batch])
 
     def _work(self) -> None:
+        inbox = self._inbox
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[: self._BATCH]
-                del self._queue[: self._BATCH]
-            # Cancelled while queued (a timeout, a client that went away): never started.
-            batch = [(op, future) for op, future in batch if not future.cancelled()]
-            if not batch:
-                continue
-            try:
-                outcomes = self._sync.run_batch([op for op, _ in batch])
-            except BaseException as exc:  # e.g. no connection: every waiter hears of it
-                outcomes = [(False, exc)] * len(batch)
-            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for (_, future), outcome in zip(batch, outcomes):
-                by_loop.setdefault(future.get_loop(), []).append((future, outcome))
-            for loop, settled in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(_settle, settled)
+            batch = inbox.get()
+            closing = batch is None
+            batch = batch or []
+            while not closing and not inbox.empty():  # whatever else is waiting, in order
+                more = inbox.get_nowait()
+                closing = more is None
+                batch += more or []
+            for start in range(0, len(batch), self._BATCH):
+                self._run_batch(batch[start : start + self._BATCH])
+            if closing:
+                return
+
+    def _run_batch(self, batch: list[_Queued]) -> None:
+        # Cancelled while queued (a timeout, a client that went away): never started.
+        batch = [(op, future) for op, future in batch if not future.cancelled()]
+        if not batch:
+            return
+        try:
+            outcomes = self._sync.run_batch([op for op, _ in batch])
+        except BaseException as exc:  # e.g. no connection: every waiter hears of it
+            outcomes = [(False, exc)] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_, future), outcome in zip(batch, outcomes):
+            by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, settled)
 
     async def close(self) -> None:
-        with self._cond:
+        loop = asyncio.get_running_loop()
+        with self._lock:
             self._closed = True
-            self._cond.notify()
+            pending = self._pending.pop(loop, None)  # this loop's turn: run it, then stop
+            if pending:
+                self._inbox.put(pending)
+            self._inbox.put(None)
             thread = self._thread
-        await asyncio.get_running_loop().run_in_executor(None, self._finish, thread)
+        await loop.run_in_executor(None, self._finish, thread)
 
     def _finish(self, thread: threading.Thread | None) -> None:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._sync.close()
+
+
+_Queued = tuple[Op, "asyncio.Future[Any]"]
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
