@@ -242,8 +242,9 @@ def databases(
     schema = None
     pg_url = args.pg_url
     try:
-        if "consumes-sqlite" in wanted:
-            urls["consumes-sqlite"] = f"sqlite:///{tmp}/ledger.db"
+        for variant in ("consumes-sqlite", "consumes-handoff"):  # the handoff's file: unused
+            if variant in wanted:
+                urls[variant] = f"sqlite:///{tmp}/{variant}.db"
         if "consumes-postgres" in wanted:
             try:
                 import psycopg

@@ -66,9 +66,11 @@ from _http_common import (  # noqa: E402
 )
 
 VARIANTS = ("bare", "slowapi", "consumes-sqlite", "consumes-postgres")
-EXTRA_VARIANTS = ("consumes-null",)
-"""``consumes-null``: the adapter on a ledger that answers from memory (no database): what the
-adapter itself costs, as opposed to the ledger's transactions. Not run by default."""
+EXTRA_VARIANTS = ("consumes-null", "consumes-handoff")
+"""Not run by default. ``consumes-null``: the adapter on a ledger that answers from memory (no
+database): what the adapter itself costs, as opposed to the ledger's transactions.
+``consumes-handoff``: the same answers, each sent through the SQLite executor's worker thread
+and back (batches that run no SQL): the ceiling of any ledger kept off the event loop."""
 BASELINE = "slowapi"
 
 
@@ -111,6 +113,8 @@ def create_app(variant: str, db_url: str | None = None) -> Starlette:
 
         if variant == "consumes-null":
             ledger: AsyncLedger = _null_ledger()
+        elif variant == "consumes-handoff":
+            ledger = _null_ledger(handoff_url=db_url)
         else:
             ledger = AsyncLedger(db_url, plans=plans(), default_plan="bench")
         endpoint = consumes(1, feature="api_calls")(work)
@@ -126,29 +130,53 @@ def create_app(variant: str, db_url: str | None = None) -> Starlette:
     return app
 
 
-def _null_ledger() -> Any:
-    """An AsyncLedger whose reserve/commit/release answer from memory (consumes-null)."""
+def _null_ledger(handoff_url: str | None = None) -> Any:
+    """An AsyncLedger whose reserve/commit/release answer from memory (consumes-null).
+
+    With ``handoff_url`` (a SQLite file with the ledger's tables), each answer still travels
+    through the SQLite executor's worker thread and back, in batches that run no SQL: what
+    the thread handoff costs."""
     from metered import AsyncLedger, ConsumeResult, Reservation
+
+    async def answer(ledger: AsyncLedger, value: Any) -> Any:
+        if handoff_url is None:
+            return value
+        return await ledger._run(_immediately(value))
 
     class NullLedger(AsyncLedger):
         async def reserve(self, subject: str, units: int, **kw: Any) -> Reservation:
+            return await answer(self, self._reservation(subject, units, kw.get("key")))
+
+        async def commit(self, reservation: Reservation, units: int | None = None) -> Any:
+            return await answer(self, self._committed(reservation))
+
+        async def release(self, reservation: Reservation) -> bool:
+            return await answer(self, True)  # type: ignore[no-any-return]
+
+        @staticmethod
+        def _reservation(subject: str, units: int, key: str | None) -> Reservation:
             return Reservation.model_construct(
                 ok=True, id=1, subject=subject, feature="api_calls", units=units,
-                key=kw.get("key"), expires_at=None, usage_remaining=ALLOWANCE, reason=None,
+                key=key, expires_at=None, usage_remaining=ALLOWANCE, reason=None,
                 replayed=False, consumed=0,
             )  # fmt: skip
 
-        async def commit(self, reservation: Reservation, units: int | None = None) -> Any:
+        @staticmethod
+        def _committed(reservation: Reservation) -> ConsumeResult:
             return ConsumeResult.model_construct(
                 ok=True, consumed=reservation.units, usage_remaining=ALLOWANCE, replayed=False,
                 reason=None, subject=reservation.subject, feature="api_calls", key=None,
                 entry_id=1, overage=0,
             )  # fmt: skip
 
-        async def release(self, reservation: Reservation) -> bool:
-            return True
+    url = handoff_url or "sqlite:///:memory:"
+    return NullLedger(url, plans=plans(), default_plan="bench")
 
-    return NullLedger("sqlite:///:memory:", plans=plans(), default_plan="bench")
+
+def _immediately(value: Any) -> Iterator[Any]:
+    """A core operation that runs no statement and returns ``value``."""
+    return value
+    yield
 
 
 def app_from_env() -> Starlette:
