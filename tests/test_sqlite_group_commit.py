@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,9 +137,13 @@ async def test_one_turn_of_the_loop_is_handed_over_as_one_batch(path: str) -> No
     assert sizes == [1, 64, 36], "one turn's 100 operations, in batches of at most 64"
 
 
-async def test_closing_runs_what_this_loop_has_not_handed_over_yet(path: str) -> None:
+@pytest.mark.parametrize("started", [True, False], ids=["worker-running", "no-worker-yet"])
+async def test_closing_runs_what_this_loop_has_not_handed_over_yet(
+    path: str, started: bool
+) -> None:
     ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
-    assert (await ledger.consume("user_1", 1, feature="api_calls")).ok
+    if started:
+        assert (await ledger.consume("user_1", 1, feature="api_calls")).ok
     tasks = [
         asyncio.ensure_future(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}"))
         for i in range(10)
@@ -148,7 +153,7 @@ async def test_closing_runs_what_this_loop_has_not_handed_over_yet(path: str) ->
     results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert all(r.ok for r in results)
     with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as check:
-        assert check.balance("user_1", "api_calls").used == 1 + 1 + 10
+        assert check.balance("user_1", "api_calls").used == 1 + started + 10
 
 
 async def test_a_hand_over_after_closing_is_refused(path: str) -> None:
@@ -167,12 +172,31 @@ async def test_a_hand_over_after_closing_is_refused(path: str) -> None:
         other.close()
 
 
+async def test_a_second_close_refuses_what_its_loop_queued(path: str) -> None:
+    """Another thread closed the ledger (its worker is gone) after this loop queued an
+    operation; this loop's own close() must refuse it, not queue it behind the stop."""
+    ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
+    assert (await ledger.consume("user_1", 1, feature="api_calls")).ok
+    task = asyncio.ensure_future(ledger.consume("user_1", 1, feature="api_calls"))
+    await asyncio.sleep(0)  # queued; the hand-over has not run yet
+    elsewhere = threading.Thread(target=lambda: asyncio.run(ledger.close()))
+    elsewhere.start()
+    elsewhere.join()
+    await ledger.close()
+    with pytest.raises(LedgerUnavailable):
+        await asyncio.wait_for(task, 10)
+    with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as check:
+        assert check.balance("user_1", "api_calls").used == 1 + 1
+
+
 def test_loops_in_several_threads_share_one_ledger(path: str) -> None:
     ledger = AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free")
     with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as setup:
         setup.grant("user_1", 1000, feature="api_calls")
+    together = threading.Barrier(4)
 
     async def spend(thread: int) -> list[bool]:
+        together.wait(10)  # every loop starts at once, so their hand-overs interleave
         results = await asyncio.gather(
             *(
                 ledger.consume("user_1", 1, feature="api_calls", key=f"t{thread}-{i}")

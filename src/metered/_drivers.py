@@ -529,7 +529,7 @@ class SQLiteAsyncExecutor(AsyncExecutor):
     def _fresh_state(self) -> None:
         self._inbox: queue.SimpleQueue[list[_Queued] | None] = queue.SimpleQueue()
         self._pending: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
-        self._lock = threading.Lock()  # starting the worker; closing; handing over
+        self._lock = threading.Lock()  # handing over (and starting the worker); closing
         self._thread: threading.Thread | None = None
         self._generation = _fork.generation
 
@@ -542,8 +542,6 @@ class SQLiteAsyncExecutor(AsyncExecutor):
             self._fresh_state()
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
-        if self._thread is None:
-            self._start_worker()
         pending = self._pending.get(loop)
         if pending is None:  # the first operation of this turn of the loop
             pending = self._pending[loop] = []
@@ -551,24 +549,24 @@ class SQLiteAsyncExecutor(AsyncExecutor):
         pending.append((op, future))
         return await future
 
-    def _start_worker(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._work, name="metered-sqlite", daemon=True
-                )
-                self._thread.start()
-
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending.pop(loop, None)
-        if batch is None:  # close() handed it over already
+        if batch is None:  # close() took it already
             return
+        if self._generation != _fork.generation:  # forked since run(): this process's worker
+            self._fresh_state()
         with self._lock:
             if not self._closed:
-                self._inbox.put(batch)
+                self._submit(batch)
                 return
-        closed = LedgerUnavailable("the ledger is closed")
-        _settle([(future, (False, closed)) for _, future in batch])
+        _refuse(batch)
+
+    def _submit(self, batch: list[_Queued]) -> None:
+        """Queue ``batch`` for the worker, starting it first if need be (holding the lock)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="metered-sqlite", daemon=True)
+            self._thread.start()
+        self._inbox.put(batch)
 
     def _work(self) -> None:
         inbox = self._inbox
@@ -603,13 +601,24 @@ class SQLiteAsyncExecutor(AsyncExecutor):
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        # What this loop queued in its current turn runs before the worker stops; what
+        # other loops have not handed over yet is refused (see _hand_over). A loop closed
+        # before its turn ended leaves operations nobody awaits: dropped, never run.
+        for other in list(self._pending):  # one copy: other loops' threads may add keys
+            if other.is_closed():
+                self._pending.pop(other, None)
         with self._lock:
-            self._closed = True
-            pending = self._pending.pop(loop, None)  # this loop's turn: run it, then stop
-            if pending:
-                self._inbox.put(pending)
-            self._inbox.put(None)
-            thread = self._thread
+            pending = self._pending.pop(loop, None) or []
+            if self._closed:  # closed before: the worker may be gone
+                thread = None
+            else:
+                self._closed = True
+                if pending:
+                    self._submit(pending)
+                    pending = []
+                self._inbox.put(None)
+                thread = self._thread
+        _refuse(pending)
         await loop.run_in_executor(None, self._finish, thread)
 
     def _finish(self, thread: threading.Thread | None) -> None:
@@ -619,6 +628,11 @@ class SQLiteAsyncExecutor(AsyncExecutor):
 
 
 _Queued = tuple[Op, "asyncio.Future[Any]"]
+
+
+def _refuse(batch: list[_Queued]) -> None:
+    closed = LedgerUnavailable("the ledger is closed")
+    _settle([(future, (False, closed)) for _, future in batch])
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
