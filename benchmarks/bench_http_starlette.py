@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python benchmarks/bench_http_starlette.py --duration 5 --rounds 1
     .venv/bin/python benchmarks/bench_http_starlette.py --variants bare,slowapi,consumes-sqlite
     .venv/bin/python benchmarks/bench_http_starlette.py --variants slowapi,consumes-null
+    .venv/bin/python benchmarks/bench_http_starlette.py --variants slowapi,consumes-handoff
 
 PostgreSQL: ``--pg-url``, else ``$METERED_TEST_POSTGRES_URL``, else
 ``postgresql://postgres@127.0.0.1/test`` (a throwaway schema, dropped at the end; the variant
