@@ -40,18 +40,24 @@ def path(tmp_path: Path) -> str:
     return path
 
 
+def _record_batch_sizes(ledger: AsyncLedger) -> list[int]:
+    """The number of operations in each batch the worker runs from now on."""
+    executor = ledger._executor
+    assert isinstance(executor, SQLiteAsyncExecutor)
+    run_batch = executor._sync.run_batch
+    sizes: list[int] = []
+
+    def counting(ops: list[Op]) -> list[tuple[bool, Any]]:
+        sizes.append(len(ops))
+        return run_batch(ops)
+
+    executor._sync.run_batch = counting  # type: ignore[method-assign]
+    return sizes
+
+
 async def test_concurrent_tasks_share_transactions_and_spend_exactly(path: str) -> None:
-    commits: list[int] = []
     async with AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
-        executor = ledger._executor
-        assert isinstance(executor, SQLiteAsyncExecutor)
-        run_batch = executor._sync.run_batch
-
-        def counting(ops: list[Op]) -> list[tuple[bool, Any]]:
-            commits.append(len(ops))
-            return run_batch(ops)
-
-        executor._sync.run_batch = counting  # type: ignore[method-assign]
+        commits = _record_batch_sizes(ledger)
         before = (await ledger.balance("user_1", "api_calls")).usage_remaining
         results = await asyncio.gather(
             *(ledger.consume("user_1", 1, feature="api_calls", key=f"k{i}") for i in range(300))
@@ -118,17 +124,8 @@ async def test_closed_ledger_refuses_new_work(path: str) -> None:
 async def test_one_turn_of_the_loop_is_handed_over_as_one_batch(path: str) -> None:
     with Ledger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as setup:
         setup.grant("user_1", 1000, feature="api_calls")
-    sizes: list[int] = []
     async with AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
-        executor = ledger._executor
-        assert isinstance(executor, SQLiteAsyncExecutor)
-        run_batch = executor._sync.run_batch
-
-        def counting(ops: list[Op]) -> list[tuple[bool, Any]]:
-            sizes.append(len(ops))
-            return run_batch(ops)
-
-        executor._sync.run_batch = counting  # type: ignore[method-assign]
+        sizes = _record_batch_sizes(ledger)
         assert (await ledger.consume("user_1", 1, feature="api_calls")).ok  # worker started
         results = await asyncio.gather(
             *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(100))
