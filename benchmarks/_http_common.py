@@ -242,7 +242,7 @@ def databases(
     schema = None
     pg_url = args.pg_url
     try:
-        for variant in ("consumes-sqlite", "consumes-handoff"):  # the handoff's file: unused
+        for variant in ("consumes-sqlite", "consumes-handoff", "consumes-inline"):
             if variant in wanted:
                 urls[variant] = f"sqlite:///{tmp}/{variant}.db"
         if "consumes-postgres" in wanted:

@@ -25,6 +25,7 @@ Usage::
     .venv/bin/python benchmarks/bench_http_starlette.py --variants bare,slowapi,consumes-sqlite
     .venv/bin/python benchmarks/bench_http_starlette.py --variants slowapi,consumes-null
     .venv/bin/python benchmarks/bench_http_starlette.py --variants slowapi,consumes-handoff
+    .venv/bin/python benchmarks/bench_http_starlette.py --variants slowapi,consumes-inline
 
 PostgreSQL: ``--pg-url``, else ``$METERED_TEST_POSTGRES_URL``, else
 ``postgresql://postgres@127.0.0.1/test`` (a throwaway schema, dropped at the end; the variant
@@ -42,12 +43,14 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from metered._core import Op
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the shared helpers, whatever the working directory
@@ -67,12 +70,15 @@ from _http_common import (  # noqa: E402
 )
 
 VARIANTS = ("bare", "slowapi", "consumes-sqlite", "consumes-postgres")
-EXTRA_VARIANTS = ("consumes-null", "consumes-handoff")
+EXTRA_VARIANTS = ("consumes-null", "consumes-handoff", "consumes-inline")
 """Not run by default. ``consumes-null``: the adapter on a ledger that answers from memory (no
 database): what the adapter itself costs, as opposed to the ledger's transactions.
 ``consumes-handoff``: the same answers, each sent through the SQLite executor's worker thread
-and back (batches that run no SQL): the ceiling of any ledger kept off the event loop."""
+and back (batches that run no SQL): the ceiling of any ledger kept off the event loop.
+``consumes-inline``: the blocking SQLite ledger called on the event loop, which metered must
+not do: what the two durable writes cost without a thread."""
 BASELINE = "slowapi"
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- the app
@@ -116,6 +122,8 @@ def create_app(variant: str, db_url: str | None = None) -> Starlette:
             ledger: AsyncLedger = _null_ledger()
         elif variant == "consumes-handoff":
             ledger = _null_ledger(handoff_url=db_url)
+        elif variant == "consumes-inline":
+            ledger = _inline_ledger(db_url)
         else:
             ledger = AsyncLedger(db_url, plans=plans(), default_plan="bench")
         endpoint = consumes(1, feature="api_calls")(work)
@@ -139,10 +147,11 @@ def _null_ledger(handoff_url: str | None = None) -> Any:
     the thread handoff costs."""
     from metered import AsyncLedger, ConsumeResult, Reservation
 
-    async def answer(ledger: AsyncLedger, value: Any) -> Any:
+    async def answer(ledger: AsyncLedger, value: _T) -> _T:
         if handoff_url is None:
             return value
-        return await ledger._run(_immediately(value))
+        result: _T = await ledger._run(_immediately(value))
+        return result
 
     class NullLedger(AsyncLedger):
         async def reserve(self, subject: str, units: int, **kw: Any) -> Reservation:
@@ -152,7 +161,7 @@ def _null_ledger(handoff_url: str | None = None) -> Any:
             return await answer(self, self._committed(reservation))
 
         async def release(self, reservation: Reservation) -> bool:
-            return await answer(self, True)  # type: ignore[no-any-return]
+            return await answer(self, True)
 
         @staticmethod
         def _reservation(subject: str, units: int, key: str | None) -> Reservation:
@@ -174,7 +183,29 @@ def _null_ledger(handoff_url: str | None = None) -> Any:
     return NullLedger(url, plans=plans(), default_plan="bench")
 
 
-def _immediately(value: Any) -> Iterator[Any]:
+def _inline_ledger(url: str | None) -> Any:
+    """An AsyncLedger that runs the blocking SQLite ledger on the event loop (consumes-inline).
+
+    What metered must not do (the loop would wait on the file and its locks): it measures
+    what the two durable writes cost the loop without any thread in between."""
+    from metered import AsyncLedger, Ledger, Reservation
+
+    blocking = Ledger(url, plans=plans(), default_plan="bench")
+
+    class InlineLedger(AsyncLedger):
+        async def reserve(self, subject: str, units: int, **kw: Any) -> Reservation:
+            return blocking.reserve(subject, units, **kw)
+
+        async def commit(self, reservation: Reservation, units: int | None = None) -> Any:
+            return blocking.commit(reservation, units)
+
+        async def release(self, reservation: Reservation) -> bool:
+            return blocking.release(reservation)
+
+    return InlineLedger(url, plans=plans(), default_plan="bench")
+
+
+def _immediately(value: Any) -> Op:
     """A core operation that runs no statement and returns ``value``."""
     return value
     yield
