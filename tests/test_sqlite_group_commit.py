@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -127,9 +128,21 @@ async def test_one_turn_of_the_loop_is_handed_over_as_one_batch(path: str) -> No
     async with AsyncLedger(f"sqlite:///{path}", plans=PLANS, default_plan="free") as ledger:
         sizes = _record_batch_sizes(ledger)
         assert (await ledger.consume("user_1", 1, feature="api_calls")).ok  # worker started
+        executor = ledger._executor
+        assert isinstance(executor, SQLiteAsyncExecutor)
+        inbox, handed = executor._inbox, []
+
+        def put(item: Any) -> None:
+            handed.append(len(item) if item is not None else None)
+            inbox.put(item)
+
+        executor._inbox = SimpleNamespace(  # type: ignore[assignment]
+            put=put, get=inbox.get, get_nowait=inbox.get_nowait, empty=inbox.empty
+        )
         results = await asyncio.gather(
             *(ledger.consume("user_1", 1, feature="api_calls") for _ in range(100))
         )
+        assert handed == [100], "the turn's operations, handed to the worker at once"
     assert all(r.ok for r in results)
     assert sizes == [1, 64, 36], "one turn's 100 operations, in batches of at most 64"
 
